@@ -1,0 +1,45 @@
+"""sdfast: a fast Stable Diffusion runtime.
+
+    import sdfast
+    pipe = sdfast.load("model.safetensors")        # LDM single file or diffusers folder
+    images = pipe.generate("a red circle", steps=20, seed=1)
+"""
+from .errors import CheckpointError, SdfastError
+
+__version__ = "0.1.0"
+__all__ = ["load", "Pipeline", "SdfastError", "CheckpointError", "__version__"]
+
+
+def _default_device(device):
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load(path, device=None, dtype=None, prediction=None):
+    """Load a Stable Diffusion 1.x / 2.x model into a ready `Pipeline`.
+
+    `path`: an LDM single file (.safetensors; .ckpt/.pt read with weights_only=True) or a
+    diffusers folder. `device` defaults to CUDA when present, else the CPU; `dtype` to float16
+    on CUDA and float32 on the CPU. `prediction` ("eps" or "v") overrides detection.
+    """
+    import torch
+
+    from .io.load import load_components
+    from .pipeline import Pipeline
+
+    device = _default_device(device)
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    parts = load_components(path, device=device, dtype=dtype, prediction=prediction)
+    return Pipeline(parts.unet, parts.vae, parts.text_encoder, parts.info, device, dtype,
+                    source=parts.source, metadata=parts.metadata)
+
+
+def __getattr__(name):
+    if name == "Pipeline":
+        from .pipeline import Pipeline
+        return Pipeline
+    raise AttributeError(f"module 'sdfast' has no attribute {name!r}")

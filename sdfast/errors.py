@@ -1,0 +1,9 @@
+"""Errors sdfast raises for bad input. The CLI prints their message on one line, exit 2."""
+
+
+class SdfastError(ValueError):
+    """Bad input: a file, an argument or a combination that sdfast cannot use."""
+
+
+class CheckpointError(SdfastError):
+    """A checkpoint file that is missing, unreadable, unsafe or not a model sdfast knows."""
