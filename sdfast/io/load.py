@@ -68,10 +68,10 @@ def text_encoder_class(family):
 
 def text_encoder_config(family, text_sd, metadata):
     _, config_cls = text_encoder_class(family)
-    config = config_cls.detect_from_weights(text_sd)
     if family == "sd2" and TEXT_SKIP_KEY in metadata:
-        config.skip_last_layers = int(metadata[TEXT_SKIP_KEY])
-    return config
+        return config_cls.detect_from_weights(text_sd,
+                                              skip_last_layers=int(metadata[TEXT_SKIP_KEY]))
+    return config_cls.detect_from_weights(text_sd)
 
 
 def load_components(path, device="cpu", dtype=torch.float32, prediction=None):
