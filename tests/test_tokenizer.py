@@ -5,9 +5,6 @@ writes from the shipped merge list, laying the vocabulary out as OpenAI's simple
 does, with transformers' own byte table (so sdfast's vocabulary derivation is checked too).
 Token ids are integers: every comparison is exact.
 """
-import gzip
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +13,8 @@ import sdfast.text
 from sdfast.text import CLIPTokenizer, get_tokenizer
 
 transformers = pytest.importorskip("transformers")
-from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
+from _fixtures import write_clip_tokenizer_dir  # noqa: E402
 
-DATA = Path(sdfast.text.__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
 
 CORPUS = [
     "a photo of a cat",
@@ -44,15 +40,7 @@ CORPUS = [
 
 @pytest.fixture(scope="module")
 def reference_dir(tmp_path_factory):
-    lines = gzip.decompress(DATA.read_bytes()).decode("utf-8").split("\n")
-    merges = lines[1:49152 - 256 - 2 + 1]  # simple_tokenizer.py keeps these 48894 merges
-    alphabet = list(bytes_to_unicode().values())
-    tokens = (alphabet + [a + "</w>" for a in alphabet] + ["".join(m.split()) for m in merges]
-              + ["<|startoftext|>", "<|endoftext|>"])
-    out = tmp_path_factory.mktemp("clip_tokenizer")
-    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return out
+    return write_clip_tokenizer_dir(tmp_path_factory.mktemp("clip_tokenizer"))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,141 @@
+"""`sdfast generate | info`: the command line. Bad input is one line on stderr, exit 2."""
+import argparse
+import os
+import sys
+
+from .errors import SdfastError
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line (`sdfast: error: ...`) with exit 2."""
+
+    def error(self, message):
+        raise SdfastError(message)
+
+
+def _positive_multiple_of_8(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 8 or value % 8:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 8, got {value}")
+    return value
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="text-to-image, image-to-image and inpainting")
+    p.add_argument("--model", required=True, help="checkpoint file or diffusers folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("-W", "--width", type=_positive_multiple_of_8, default=512)
+    p.add_argument("-H", "--height", type=_positive_multiple_of_8, default=512)
+    p.add_argument("--steps", type=_positive_int, default=20)
+    p.add_argument("--cfg", type=float, default=7.0)
+    p.add_argument("--sampler", default="euler")
+    p.add_argument("--scheduler", default="normal")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=_positive_int, default=1)
+    p.add_argument("--init-image", help="image for img2img / inpainting")
+    p.add_argument("--strength", type=float, default=0.75, help="img2img denoise (0..1]")
+    p.add_argument("--mask", help="inpainting mask (white = repaint)")
+    p.add_argument("--clip-skip", type=_positive_int, default=1)
+    p.add_argument("--weighting", default="a1111", help="prompt weighting: a1111 or comfy")
+    p.add_argument("--device", default=None)
+    p.add_argument("-o", "--output", default="out.png", help="output PNG (numbered if taken)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_generate)
+
+
+def _add_info(sub):
+    p = sub.add_parser("info", help="family, prediction type and parameter counts of a model")
+    p.add_argument("path")
+    p.set_defaults(func=_info)
+
+
+def _check_readable(path, what):
+    if path is not None and not os.path.exists(path):
+        raise SdfastError(f"{path}: no such {what}")
+
+
+def _generate(args):
+    from . import load
+    from .io.png import a1111_parameters, free_paths, save_png
+    from .pipeline import check_request
+
+    check_request(args.width, args.height, args.steps, args.sampler, args.scheduler, args.batch,
+                  args.strength if args.init_image else 1.0, mask=args.mask,
+                  init_image=args.init_image)
+    _check_readable(args.model, "file or directory")
+    _check_readable(args.init_image, "file")
+    _check_readable(args.mask, "file")
+    pipe = load(args.model, device=args.device)
+    images = pipe.generate(
+        args.prompt, args.negative, width=args.width, height=args.height, steps=args.steps,
+        cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, seed=args.seed,
+        batch_size=args.batch, init_image=args.init_image, strength=args.strength,
+        mask=args.mask, clip_skip=args.clip_skip, weighting=args.weighting,
+        progress=not args.quiet)
+    paths = free_paths(args.output, len(images), overwrite=args.overwrite)
+    name = os.path.splitext(os.path.basename(os.path.normpath(args.model)))[0]
+    for index, (image, path) in enumerate(zip(images, paths)):
+        params = a1111_parameters(
+            args.prompt, args.negative, steps=args.steps, sampler=args.sampler,
+            scheduler=args.scheduler, cfg=args.cfg, seed=args.seed, width=args.width,
+            height=args.height, model_hash=pipe.model_hash, model_name=name,
+            clip_skip=args.clip_skip, strength=args.strength if args.init_image else None)
+        if len(images) > 1:
+            params += f", Batch size: {len(images)}, Batch pos: {index}"
+        save_png(image, path, params, overwrite=args.overwrite)
+        print(path)
+    return 0
+
+
+def _info(args):
+    from .io.summary import summarize
+
+    _check_readable(args.path, "file or directory")
+    for key, value in summarize(args.path).items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def build_parser():
+    parser = _Parser(prog="sdfast", description="A fast Stable Diffusion runtime.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    _add_generate(sub)
+    _add_info(sub)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            raise SdfastError("a command is required: " + ", ".join(
+                sorted(parser._subparsers._group_actions[0].choices)))
+        return args.func(args)
+    except SdfastError as exc:
+        print(f"sdfast: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("sdfast: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Wrappers around the denoiser: dtype boundary, inpainting channels, CFG, inpaint blending.
+
+Samplers work in float32; only the UNet call runs in the model's dtype.
+"""
+import torch
+
+
+class UNetCall:
+    """Calls the UNet in its own dtype and returns float32. For 9-channel inpainting models,
+    `concat` (`[B, 5, h, w]`: mask, masked-image latent) is appended to the input channels."""
+
+    def __init__(self, unet, dtype, concat=None):
+        self.unet = unet
+        self.dtype = dtype
+        self.concat = concat
+
+    def __call__(self, x, timesteps, context, **kwargs):
+        if self.concat is not None:
+            repeat = x.shape[0] // self.concat.shape[0]              # CFG doubles the batch
+            x = torch.cat([x, self.concat.repeat(repeat, 1, 1, 1).to(x.dtype)], dim=1)
+        out = self.unet(x.to(self.dtype), timesteps, context=context.to(self.dtype), **kwargs)
+        return out.float()
+
+
+class CFGDenoiser:
+    """Classifier-free guidance on the denoised prediction: `u + cfg * (c - u)`.
+    cond and uncond run as one batch; the unconditional pass is skipped when cfg == 1."""
+
+    def __init__(self, denoiser, cond, uncond, cfg):
+        self.inner = denoiser
+        self.cond = cond
+        self.uncond = uncond
+        self.cfg = cfg
+        self.model_sampling = denoiser.model_sampling
+
+    def __call__(self, x, sigma, seed=None, **kwargs):
+        if self.cfg == 1.0:
+            return self.inner(x, sigma, context=self.cond, **kwargs)
+        x_in = torch.cat([x, x])                                     # [2B, C, h, w]
+        sigma_in = torch.cat([sigma, sigma])
+        context = torch.cat([self.cond, self.uncond])                # [2B, L, D]
+        cond, uncond = self.inner(x_in, sigma_in, context=context, **kwargs).chunk(2)
+        return uncond + (cond - uncond) * self.cfg
+
+
+class InpaintBlend:
+    """Inpainting with an ordinary model (ComfyUI's approach): before each model call the known
+    region (mask 0) is replaced by the init latent noised to the current sigma, and after it
+    the prediction there is replaced by the init latent itself."""
+
+    def __init__(self, denoiser, latent, noise, mask):
+        self.inner = denoiser
+        self.latent = latent
+        self.noise = noise
+        self.mask = mask                       # [B, 4, h, w]: 1 = repaint, 0 = keep
+        self.model_sampling = denoiser.model_sampling
+
+    def __call__(self, x, sigma, **kwargs):
+        keep = 1.0 - self.mask
+        noised = self.latent + self.noise * sigma.reshape(-1, 1, 1, 1)
+        x = x * self.mask + noised * keep
+        out = self.inner(x, sigma, **kwargs)
+        return out * self.mask + self.latent * keep

@@ -1,0 +1,92 @@
+"""The command line's contract for bad input: one line on stderr, exit 2, nothing written."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from test_io import Evil, fake_sd
+
+
+def run_cli(*args, cwd=None):
+    proc = subprocess.run([sys.executable, "-m", "sdfast", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def assert_one_line_error(rc, err, pattern):
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line, got: {err!r}"
+    assert "Traceback" not in err
+    assert pattern in lines[0], lines[0]
+
+
+GEN = ["generate", "--prompt", "x"]
+
+
+def test_missing_model_file(tmp_path):
+    rc, _, err = run_cli(*GEN, "--model", str(tmp_path / "missing.safetensors"),
+                         "-o", str(tmp_path / "o.png"))
+    assert_one_line_error(rc, err, "no such file")
+    assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["-W", "500"], "multiple of 8"),
+    (["-H", "0"], "multiple of 8"),
+    (["--steps", "0"], "must be >= 1"),
+    (["--sampler", "nope"], "euler_ancestral"),          # the message lists valid names
+    (["--scheduler", "nope"], "karras"),
+    (["--strength", "1.5", "--init-image", "x.png"], "strength"),
+])
+def test_bad_arguments_fail_before_loading(tmp_path, args, pattern):
+    # The model path does not exist: argument errors must be reported first, without loading.
+    rc, _, err = run_cli(*GEN, "--model", str(tmp_path / "m.safetensors"), *args)
+    assert_one_line_error(rc, err, pattern)
+
+
+def test_unknown_command_and_missing_args():
+    rc, _, err = run_cli("frobnicate")
+    assert_one_line_error(rc, err, "invalid choice")
+    rc, _, err = run_cli("generate")
+    assert_one_line_error(rc, err, "required")
+
+
+def test_crafted_pickle_is_refused_by_cli_and_runs_nothing(tmp_path):
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(1)}, "payload": Evil(str(marker))}, path)
+    for args in (["info", str(path)], [*GEN, "--model", str(path), "-o", str(tmp_path / "o.png")]):
+        rc, _, err = run_cli(*args)
+        assert_one_line_error(rc, err, "refused: this file runs code when loaded; "
+                                       "convert it to safetensors")
+    assert not marker.exists()
+
+
+def test_unrecognised_and_sdxl_checkpoints_say_what_was_found(tmp_path):
+    path = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_down.lora_up.weight": torch.zeros(2, 2)}, str(path))
+    rc, _, err = run_cli("info", str(path))
+    assert_one_line_error(rc, err, "unrecognised checkpoint")
+    assert "1 tensors, top-level prefixes: lora_unet_down" in err
+    xl = tmp_path / "xl.safetensors"
+    save_file(fake_sd(sdxl=True), str(xl))
+    rc, _, err = run_cli("info", str(xl))
+    assert_one_line_error(rc, err, "SDXL")
+
+
+def test_folder_without_model_index(tmp_path):
+    rc, _, err = run_cli("info", str(tmp_path))
+    assert_one_line_error(rc, err, "model_index.json")
+
+
+def test_info_on_synthetic_sd2_inpaint(tmp_path):
+    path = tmp_path / "sd2.safetensors"
+    save_file(fake_sd("sd2", in_channels=9), str(path))
+    rc, out, err = run_cli("info", str(path))
+    assert rc == 0, err
+    assert "family: sd2" in out and "inpaint: True" in out and "prediction: eps" in out
+    assert "parameters.unet: 648" in out            # 8 * 9 * 3 * 3 weights in the fake UNet
