@@ -28,7 +28,7 @@ class Pipeline:
         self.dtype = dtype
         self.source = source
         self.metadata = dict(metadata or {})
-        self.model_sampling = sampling.ModelSampling(prediction=info.prediction)
+        self.model_sampling = sampling.ModelSampling(prediction=info.prediction).to(self.device)
         self.tokenizer = text.get_tokenizer(pad_id=0 if info.family == "sd2" else None)
         self._info = info
         self._model_hash = None

@@ -53,7 +53,7 @@ def make_reference(kind, tmp_dir, prediction="eps", seed=0):
     family, unet_cfg, vae_cfg, text_cfg = KINDS[kind]
     gen = torch.Generator().manual_seed(seed + 100)
     torch.manual_seed(seed)
-    unet = randomize_norms_(UNet2DConditionModel(**unet_cfg), gen)
+    unet = randomize_norms_(UNet2DConditionModel(**{"sample_size": 64, **unet_cfg}), gen)
     vae = randomize_norms_(AutoencoderKL(**vae_cfg), gen)
     text = CLIPTextModel(CLIPTextConfig(
         vocab_size=49408, max_position_embeddings=77, projection_dim=text_cfg["hidden_size"],

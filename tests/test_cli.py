@@ -90,3 +90,38 @@ def test_info_on_synthetic_sd2_inpaint(tmp_path):
     assert rc == 0, err
     assert "family: sd2" in out and "inpaint: True" in out and "prediction: eps" in out
     assert "parameters.unet: 648" in out            # 8 * 9 * 3 * 3 weights in the fake UNet
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from sdfast.builtin import init_checkpoint
+
+    return init_checkpoint(tmp_path_factory.mktemp("cli") / "tiny.safetensors")
+
+
+def test_generate_writes_pngs_with_a1111_parameters_and_never_overwrites(tiny_model, tmp_path):
+    from PIL import Image
+
+    from sdfast.io.png import file_hash
+
+    out = tmp_path / "out.png"
+    args = [*GEN, "--model", str(tiny_model), "-W", "64", "-H", "64", "--steps", "2",
+            "--seed", "7", "--negative", "blurry", "--sampler", "euler_ancestral",
+            "--scheduler", "karras", "--quiet", "-o", str(out)]
+    rc, stdout, err = run_cli(*args)
+    assert rc == 0, err
+    assert stdout.split() == [str(out)]
+    with Image.open(out) as img:
+        assert img.size == (64, 64)
+        params = img.text["parameters"]
+    assert params == ("x\nNegative prompt: blurry\nSteps: 2, Sampler: Euler a, Schedule type: "
+                      f"Karras, CFG scale: 7, Seed: 7, Size: 64x64, Model hash: "
+                      f"{file_hash(str(tiny_model))}, Model: tiny")
+    first = out.read_bytes()
+    rc, stdout, err = run_cli(*args, "--batch", "2")
+    assert rc == 0, err
+    assert stdout.split() == [str(tmp_path / "out-1.png"), str(tmp_path / "out-2.png")]
+    assert out.read_bytes() == first                     # the existing file is untouched
+    rc, stdout, err = run_cli(*args[:-2], "--seed", "8", "-o", str(out), "--overwrite")
+    assert rc == 0, err
+    assert out.read_bytes() != first

@@ -74,6 +74,17 @@ def text_encoder_config(family, text_sd, metadata):
     return config_cls.detect_from_weights(text_sd)
 
 
+def unet_heads(metadata):
+    """Head settings recorded in the file's metadata (they cannot be read from shapes)."""
+    from .save import UNET_HEAD_DIM_KEY, UNET_HEADS_KEY
+
+    if UNET_HEAD_DIM_KEY in metadata:
+        return {"head_dim": int(metadata[UNET_HEAD_DIM_KEY])}
+    if UNET_HEADS_KEY in metadata:
+        return {"num_heads": int(metadata[UNET_HEADS_KEY])}
+    return {}
+
+
 def load_components(path, device="cpu", dtype=torch.float32, prediction=None):
     from ..models.unet import UNetConfig, UNetModel
     from ..models.vae import AutoencoderKL, VAEConfig
@@ -83,7 +94,7 @@ def load_components(path, device="cpu", dtype=torch.float32, prediction=None):
     unet_sd, vae_sd, text_sd = split_components(sd, info.family)
     del sd
     try:
-        unet_cfg = UNetConfig.detect_from_weights(unet_sd)
+        unet_cfg = UNetConfig.detect_from_weights(unet_sd, **unet_heads(metadata))
         vae_cfg = VAEConfig.detect_from_weights(vae_sd)
         text_cfg = text_encoder_config(info.family, text_sd, metadata)
     except (KeyError, IndexError, ValueError) as exc:

@@ -1,0 +1,60 @@
+"""sdfast's built-in model: the SD1.5 architecture at small widths, trained from scratch by
+`sdfast train finetune` on the procedural shapes dataset (`sdfast.data.shapes`), 64x64 images.
+
+`MODEL_PATH` is the shipped checkpoint (the default model of every command);
+`init_checkpoint(path)` writes the random starting point of its training recipe.
+"""
+from pathlib import Path
+
+import torch
+
+MODEL_NAME = "sdfast-shapes"
+MODEL_PATH = Path(__file__).with_name(f"{MODEL_NAME}.safetensors")
+RESOLUTION = 64
+
+# SD1.5's classes and layout (4 levels, transformers on the first 3, CLIP text tower, KL VAE
+# with an 8x downsampling), at widths that fit 30 MB in fp16 and train on 2 CPU cores.
+UNET = dict(model_channels=64, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
+            attention_levels=(0, 1, 2), context_dim=64, head_dim=32)
+VAE = dict(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1)
+TEXT = dict(width=64, layers=4, heads=1, mlp_width=256)
+
+
+def configs():
+    from ..models.clip import CLIPTextConfig
+    from ..models.unet import UNetConfig
+    from ..models.vae import VAEConfig
+
+    return UNetConfig(**UNET), VAEConfig(**VAE), CLIPTextConfig(**TEXT)
+
+
+def _zero_init_(unet):
+    """LDM's `zero_module`: each residual branch's last conv/projection starts at zero, so every
+    block starts as the identity (the usual starting point for training an LDM UNet)."""
+    for name, module in unet.named_modules():
+        if name.endswith(("out_layers.3", "proj_out")) or name == "out.2":
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+
+
+def init_models(seed=0):
+    """Randomly initialised (UNet, VAE, text encoder) of the built-in architecture."""
+    from ..models.clip import CLIPTextModel
+    from ..models.unet import UNetModel
+    from ..models.vae import AutoencoderKL
+
+    unet_cfg, vae_cfg, text_cfg = configs()
+    torch.manual_seed(seed)
+    unet, vae, text = UNetModel(unet_cfg), AutoencoderKL(vae_cfg), CLIPTextModel(text_cfg)
+    torch.nn.init.normal_(text.token_embedding.weight, std=0.02)
+    _zero_init_(unet)
+    return unet, vae, text
+
+
+def init_checkpoint(path, seed=0, overwrite=False):
+    """Write the random starting checkpoint of the built-in model's training recipe."""
+    from ..io.save import save_checkpoint
+
+    unet, vae, text = init_models(seed)
+    return save_checkpoint(path, unet, vae, text, "sd1", overwrite=overwrite,
+                           metadata={"sdfast.model": f"{MODEL_NAME}-init", "sdfast.seed": seed})
