@@ -96,7 +96,9 @@ def test_real_shapes_generate_matches_diffusers(kind, tmp_path_factory):
     with torch.no_grad():
         ref_cond, _ = ref.encode_prompt(PROMPT, "cpu", 1, True, NEGATIVE)
     del ref
-    pipe = sdfast.load(single)
+    # The fixture randomises norm biases (std 0.2), which trips ComfyUI's SD2 v-prediction
+    # heuristic (std > 0.09 on one norm bias): say eps explicitly, as a user would.
+    pipe = sdfast.load(single, prediction="eps")
     assert pipe.info["family"] == family_of(kind)
     cond, _ = pipe.encode_prompt(PROMPT, NEGATIVE)
     assert max_diff(cond, ref_cond) < 1e-4 * ref_cond.abs().max().item()
