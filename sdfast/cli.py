@@ -118,6 +118,8 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     _add_generate(sub)
     _add_info(sub)
+    from .eval.cli import register as register_eval
+    register_eval(sub)
     return parser
 
 

@@ -1,0 +1,98 @@
+"""`sdfast eval shapes`: the command line of the shapes evaluator (`shapes_eval.py`).
+
+`register(subparsers)` adds the `eval` command to sdfast's parser (`sdfast/cli.py` calls it);
+its parsers are sdfast's `_Parser`, so a usage error is one line and exit 2 like every command.
+Argument checks run before the model is loaded and before anything is generated or written.
+"""
+import os
+
+from ..data.shapes import SPLITS
+from ..errors import SdfastError
+
+
+def register(subparsers):
+    """Add `eval` (with its `shapes` sub-command) to an argparse sub-parsers action."""
+    from ..cli import _Parser
+
+    p = subparsers.add_parser("eval", help="score a model on prompts it must follow")
+    p.set_defaults(func=_missing_subcommand)
+    sub = p.add_subparsers(dest="eval_command", parser_class=_Parser)
+    _add_shapes(sub)
+    return p
+
+
+def _add_shapes(sub):
+    from ..cli import _positive_int
+
+    p = sub.add_parser("shapes", help="prompt-following accuracy on the shapes dataset "
+                                      "(held-out combinations by default)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint file or diffusers folder (default: the built-in model)")
+    p.add_argument("--n", type=_positive_int, default=200, help="number of prompts (images)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="selects the prompts; prompt i is generated with seed + i")
+    p.add_argument("--steps", type=_positive_int, default=20)
+    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--sampler", default="euler")
+    p.add_argument("--scheduler", default="normal")
+    p.add_argument("--batch", type=_positive_int, default=16,
+                   help="prompts sampled together (does not change the images)")
+    p.add_argument("--split", choices=SPLITS, default="heldout")
+    p.add_argument("--variety", action="store_true",
+                   help="varied captions (may omit size, position or background)")
+    p.add_argument("--json", metavar="OUT.json", help="also write the full result as JSON")
+    p.add_argument("--save-images", metavar="DIR", help="also save the images as PNGs")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--device", default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_shapes)
+
+
+def _missing_subcommand(args):
+    raise SdfastError("eval needs a sub-command: shapes")
+
+
+def _model_path(model):
+    """The checkpoint to evaluate: `--model`, or the built-in model when it is installed."""
+    if model is not None:
+        if not os.path.exists(model):
+            raise SdfastError(f"{model}: no such file or directory")
+        return model
+    from ..builtin import MODEL_PATH
+
+    if not os.path.exists(MODEL_PATH):
+        raise SdfastError(f"the built-in model is not installed ({MODEL_PATH} is missing); "
+                          "pass --model PATH")
+    return str(MODEL_PATH)
+
+
+def _check_outputs(args):
+    """Refuse outputs that would be overwritten, before loading or generating anything."""
+    if args.json:
+        if os.path.exists(args.json) and not args.overwrite:
+            raise SdfastError(f"{args.json}: exists (use --overwrite to replace it)")
+        parent = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(parent):
+            raise SdfastError(f"{parent}: no such directory")
+    if args.save_images and os.path.exists(args.save_images):
+        if not os.path.isdir(args.save_images):
+            raise SdfastError(f"{args.save_images}: not a directory")
+
+
+def _shapes(args):
+    from .. import load
+    from .shapes_eval import check_settings, evaluate, format_table, write_json
+
+    check_settings(args.n, args.seed, args.steps, args.cfg, args.sampler, args.scheduler,
+                   args.batch, args.split)
+    _check_outputs(args)
+    path = _model_path(args.model)
+    pipe = load(path, device=args.device)
+    result = evaluate(pipe, n=args.n, seed=args.seed, steps=args.steps, cfg=args.cfg,
+                      sampler=args.sampler, scheduler=args.scheduler, batch_size=args.batch,
+                      split=args.split, variety=args.variety, progress=not args.quiet,
+                      save_images=args.save_images, overwrite=args.overwrite)
+    print(format_table(result))
+    if args.json:
+        print(f"wrote {write_json(result, args.json, overwrite=args.overwrite)}")
+    return 0
