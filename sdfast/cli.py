@@ -119,7 +119,9 @@ def build_parser():
     _add_generate(sub)
     _add_info(sub)
     from .eval.cli import register as register_eval
+    from .train.cli import register as register_train
     register_eval(sub)
+    register_train(sub)
     return parser
 
 

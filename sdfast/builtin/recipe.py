@@ -1,0 +1,101 @@
+"""The built-in model's training recipe: `python -m sdfast.builtin.recipe OUT_DIR [--seed 0]`.
+
+From nothing to the shipped checkpoint on 2 CPU cores (about an hour):
+1. generate the shapes training set (held-out combinations excluded) as a kohya folder;
+2. write the random starting checkpoint of the built-in architecture;
+3. `sdfast train finetune --train-vae`: the VAE alone, as an autoencoder;
+4. `sdfast train finetune --train-text-encoder`: the UNet and text encoder on the diffusion loss,
+   with captions dropped at random so classifier-free guidance has an unconditional model;
+5. save the result in fp16 as `OUT_DIR/sdfast-shapes.safetensors` (copy it to
+   `sdfast/builtin/` to ship it) and evaluate it on held-out prompts.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+# Recipe settings (the README quotes the command; change them here only).
+FULL = dict(dataset_size=6000, vae_steps=1200, vae_batch=16, vae_lr=1e-3, unet_steps=3000,
+            unet_batch=64, unet_lr=6e-4, text_lr=3e-4, caption_dropout=0.1, eval_n=200)
+# The same recipe at toy scale, to check the whole path in seconds (`--smoke`, and the tests).
+SMOKE = dict(FULL, dataset_size=32, vae_steps=3, vae_batch=4, unet_steps=3, unet_batch=8,
+             eval_n=2)
+
+
+def dataset_toml(image_dir, batch_size, caption_dropout=0.0):
+    """A kohya dataset config for one folder of 64x64 images with .txt captions."""
+    from . import RESOLUTION
+
+    dropout = f"caption_dropout_rate = {caption_dropout}\n" if caption_dropout else ""
+    return (f"[general]\ncaption_extension = \".txt\"\nenable_bucket = false\n\n"
+            f"[[datasets]]\nresolution = {RESOLUTION}\nbatch_size = {batch_size}\n\n"
+            f"[[datasets.subsets]]\nimage_dir = \"{image_dir}\"\n{dropout}")
+
+
+def run(out_dir, seed=0, settings=FULL, progress=True):
+    from ..data.shapes import write_dataset
+    from ..io.load import load_components
+    from ..io.save import save_checkpoint
+    from ..train import train_finetune
+    from . import MODEL_NAME, init_checkpoint
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    times = {}
+    start = time.perf_counter()
+    s = settings
+    images = write_dataset(out / "data", s["dataset_size"], seed, split="train").resolve()
+    (out / "vae.toml").write_text(dataset_toml(images, s["vae_batch"]))
+    (out / "unet.toml").write_text(dataset_toml(images, s["unet_batch"], s["caption_dropout"]))
+    init = init_checkpoint(out / "init.safetensors", seed=seed)
+    times["data+init"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    vae = train_finetune(init, out / "vae.toml", out / "stage1-vae", "vae", train_vae=True,
+                         max_train_steps=s["vae_steps"], learning_rate=s["vae_lr"],
+                         lr_scheduler="cosine", lr_warmup_steps=min(50, s["vae_steps"] // 2), seed=seed, progress=progress)
+    times["vae"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    unet = train_finetune(vae.output, out / "unet.toml", out / "stage2-unet", "unet",
+                          train_text_encoder=True, text_encoder_lr=s["text_lr"],
+                          max_train_steps=s["unet_steps"], learning_rate=s["unet_lr"],
+                          lr_scheduler="cosine", lr_warmup_steps=min(100, s["unet_steps"] // 2), cache_latents=True,
+                          latents="mean", seed=seed, progress=progress)
+    times["unet+text"] = time.perf_counter() - start
+
+    parts = load_components(unet.output)
+    final = save_checkpoint(out / f"{MODEL_NAME}.safetensors", parts.unet, parts.vae,
+                            parts.text_encoder, "sd1", dtype=__import__("torch").float16,
+                            metadata={"sdfast.model": MODEL_NAME, "sdfast.seed": seed,
+                                      "sdfast.recipe": "python -m sdfast.builtin.recipe"})
+    report = {"model": str(final), "settings": s, "size_mb": os.path.getsize(final) / 1e6, "seconds": times,
+              "final_losses": {"vae": vae.losses[-20:], "unet": unet.losses[-20:]}}
+    if s["eval_n"]:
+        import sdfast
+        from ..eval.shapes_eval import evaluate, format_table
+
+        result = evaluate(sdfast.load(final), n=s["eval_n"], seed=seed)
+        print(format_table(result))
+        report["eval"] = {k: v for k, v in result.items() if k != "rows"}
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    return final
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m sdfast.builtin.recipe")
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="toy scale, seconds")
+    args = parser.parse_args(argv)
+    if Path(args.out_dir).exists() and any(Path(args.out_dir).iterdir()):
+        print(f"error: {args.out_dir} is not empty", file=sys.stderr)
+        return 2
+    print(run(args.out_dir, seed=args.seed, settings=SMOKE if args.smoke else FULL))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

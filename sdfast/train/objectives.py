@@ -1,0 +1,96 @@
+"""Training losses as nn.Modules, so that accelerate can wrap them (DDP, autocast) whole.
+
+Diffusion (Ho et al. 2020, as in LDM's `DDPM.p_losses`, Rombach et al. 2022): with
+`a = alphas_cumprod[t]`, `x_t = sqrt(a) * x_0 + sqrt(1 - a) * eps`; the UNet sees `x_t`, the
+integer timestep `t` and the text context, and the loss is the MSE between its output and `eps`
+(eps models) or `v = sqrt(a) * eps - sqrt(1 - a) * x_0` (v models, Salimans & Ho 2022).
+`x_0` are VAE latents times 0.18215.
+
+Autoencoder (LDM's `AutoencoderKL` with `LPIPSWithDiscriminator` minus LPIPS and the
+discriminator): `x -> q(z|x) -> z ~ q -> decoder(z)`; LDM sums the L1 reconstruction error over
+pixels and `kl_weight * KL(q || N(0, 1))` over latent elements, per image. Here both are divided
+by the number of pixel values per image (same optimum and the same `kl_weight` meaning; the
+logged loss reads as a per-pixel error).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VAE_SCALE = 0.18215     # SD1.x / SD2.x latent scale factor (as sdfast.pipeline.VAE_SCALE)
+VAE_LOSSES = ("l1", "mse")
+
+
+def noisy_latents(latents, noise, alphas_cumprod):
+    """`sqrt(a) * x_0 + sqrt(1 - a) * eps` with `alphas_cumprod` `[B]` broadcast."""
+    a = alphas_cumprod.view(-1, 1, 1, 1)  # [B] -> [B, 1, 1, 1]
+    return a.sqrt() * latents + (1 - a).sqrt() * noise
+
+
+def diffusion_target(latents, noise, alphas_cumprod, prediction):
+    """What the UNet learns to output: `eps`, or `v` for v-prediction models."""
+    if prediction == "eps":
+        return noise
+    a = alphas_cumprod.view(-1, 1, 1, 1)
+    return a.sqrt() * noise - (1 - a).sqrt() * latents
+
+
+class DiffusionObjective(nn.Module):
+    """`forward(latents, input_ids, noise, timesteps)` -> MSE of the UNet against its target.
+
+    The text encoder runs with gradients only when `train_text_encoder`."""
+
+    def __init__(self, unet, text_encoder, alphas_cumprod, prediction="eps",
+                 train_text_encoder=False):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+        self.prediction = prediction
+        self.train_text_encoder = train_text_encoder
+        self.register_buffer("alphas_cumprod", alphas_cumprod.float().clone(), persistent=False)
+
+    def forward(self, latents, input_ids, noise, timesteps):
+        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
+            context = self.text_encoder(input_ids)                 # [B, 77] -> [B, 77, C]
+        a = self.alphas_cumprod[timesteps]                          # [B]
+        pred = self.unet(noisy_latents(latents, noise, a), timesteps.float(), context)
+        target = diffusion_target(latents, noise, a, self.prediction)
+        return F.mse_loss(pred.float(), target.float())
+
+
+def gaussian_kl(mean, logvar):
+    """KL(N(mean, exp(logvar)) || N(0, 1)) summed per image: `[B, C, h, w]` -> `[B]`."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
+
+
+class VAEObjective(nn.Module):
+    """`forward(images, eps)` -> reconstruction + KL loss of the autoencoder (module docstring).
+
+    `eps` `[B, E, h, w]` is the standard normal draw of the posterior sample, passed in so the
+    module itself holds no random state."""
+
+    def __init__(self, vae, loss="l1", kl_weight=1e-6):
+        super().__init__()
+        if loss not in VAE_LOSSES:
+            raise ValueError(f"vae loss must be one of {', '.join(VAE_LOSSES)}, got {loss!r}")
+        self.vae = vae
+        self.loss = loss
+        self.kl_weight = kl_weight
+
+    def forward(self, images, eps):
+        posterior = self.vae.encode(images)
+        z = posterior.mean + posterior.std * eps
+        rec = self.vae.decode(z).float()                           # [B, 3, H, W]
+        err = (rec - images.float()).abs() if self.loss == "l1" else (rec - images.float()) ** 2
+        per_image = err.flatten(1).sum(1)
+        kl = gaussian_kl(posterior.mean.float(), posterior.logvar.float())
+        return ((per_image + self.kl_weight * kl) / images[0].numel()).mean()
+
+
+def latent_shape(vae_config, batch, height, width):
+    """Shape of the latents of `batch` images of `height x width` pixels."""
+    factor = 2 ** (len(vae_config.ch_mult) - 1)
+    return (batch, vae_config.embed_dim, height // factor, width // factor)
+
+
+__all__ = ["VAE_SCALE", "VAE_LOSSES", "noisy_latents", "diffusion_target", "DiffusionObjective",
+           "gaussian_kl", "VAEObjective", "latent_shape"]

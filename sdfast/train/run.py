@@ -1,0 +1,198 @@
+"""A run's files: which it may write, saving them atomically, and resuming from a saved state.
+
+Layout of `output_dir` (one run per folder):
+
+    NAME.safetensors                 the final model
+    NAME-step00000100.safetensors    intermediate models (--save-every-n-steps)
+    state-00000100/                  training state at each save: accelerate's save_state
+                                     (trained weights, optimizer, GradScaler, RNG) + the lr
+                                     scheduler + sdfast_state.json (run id, step, loss log,
+                                     the settings a resume must repeat)
+    loss.csv, loss.png               the loss log
+
+Every file and state a run writes carries its run id (safetensors metadata
+`sdfast.train.run_id`, `sdfast_state.json`). A run never replaces a model or state that does not
+carry its id, and checks every name it will write before it trains. `--resume` continues the
+run of the state it is given (same id, so it may replace that run's files); loss.csv and
+loss.png are rewritten from the state's loss log.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from ..errors import SdfastError
+from .losslog import CSV_NAME, PNG_NAME
+
+RUN_ID_KEY = "sdfast.train.run_id"
+STATE_FILE = "sdfast_state.json"
+STATE_PREFIX = "state-"
+
+
+def checkpoint_name(output_name, step=None):
+    """`NAME.safetensors`, or `NAME-step00000100.safetensors` for an intermediate save."""
+    if step is None:
+        return f"{output_name}.safetensors"
+    return f"{output_name}-step{step:08d}.safetensors"
+
+
+def state_name(step):
+    """`state-00000100`: the folder of the training state saved after `step`."""
+    return f"{STATE_PREFIX}{step:08d}"
+
+
+def file_owner(path):
+    """The run id recorded in a safetensors file, or None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(path), "pt") as handle:
+            return (handle.metadata() or {}).get(RUN_ID_KEY)
+    except Exception:          # not a safetensors file: nobody we know
+        return None
+
+
+def read_state_info(folder):
+    """The `sdfast_state.json` of a state folder as a dict, or None."""
+    try:
+        return json.loads((Path(folder) / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def find_state(path):
+    """A state folder itself, or the latest `state-*` in an output folder."""
+    path = Path(path)
+    if read_state_info(path) is not None:
+        return path
+    if path.is_dir():
+        states = sorted(p for p in path.glob(f"{STATE_PREFIX}*")
+                        if p.is_dir() and read_state_info(p) is not None)
+        if states:
+            return states[-1]
+    raise SdfastError(f"{path}: no training state to resume (expected a {STATE_PREFIX}XXXXXXXX "
+                      f"folder with {STATE_FILE}, or an output folder holding one)")
+
+
+class TrainRun:
+    """Names, ownership checks, saves and resume of one training run (see module docstring).
+
+    `settings`: the JSON-able options a resume must repeat exactly (the loss curve depends on
+    them); `save_every`: intermediate save period (None: only the final save).
+    """
+
+    def __init__(self, accelerator, output_dir, output_name, settings, max_steps,
+                 save_every=None, resume=None):
+        self.accelerator = accelerator
+        self.output_dir = Path(output_dir)
+        self.output_name = output_name
+        self.settings = settings
+        self.max_steps = max_steps
+        self.save_every = save_every
+        self.state_dir = None
+        self.start_step, self.loss_rows, self.run_id = 0, [], uuid.uuid4().hex
+        if resume is not None:
+            self._read_resume(resume)
+        self.check_outputs()
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+
+    def _read_resume(self, resume):
+        self.state_dir = find_state(resume)
+        info = read_state_info(self.state_dir)
+        changed = sorted(k for k in set(info["settings"]) | set(self.settings)
+                         if info["settings"].get(k) != self.settings.get(k))
+        if changed:
+            diffs = "; ".join(f"{k} was {info['settings'].get(k)!r}, now {self.settings.get(k)!r}"
+                              for k in changed)
+            raise SdfastError(f"{self.state_dir}: cannot resume with different settings: {diffs}")
+        self.run_id, self.start_step = info["run_id"], int(info["step"])
+        self.loss_rows = [tuple(r) for r in info["losses"]]
+        if self.start_step >= self.max_steps:
+            raise SdfastError(f"{self.state_dir}: the state is at step {self.start_step}; "
+                              f"max_train_steps ({self.max_steps}) must be larger to continue")
+
+    # ------------------------------------------------------------------ names and ownership
+    def save_steps(self):
+        """Steps after which this run saves (intermediate saves and the last step)."""
+        steps = set()
+        if self.save_every:
+            steps.update(range(self.save_every, self.max_steps, self.save_every))
+        steps.add(self.max_steps)
+        return sorted(s for s in steps if s > self.start_step)
+
+    def model_path(self, step):
+        """Where the model saved after `step` goes (the final name at the last step)."""
+        final = step == self.max_steps
+        return self.output_dir / checkpoint_name(self.output_name, None if final else step)
+
+    def check_outputs(self):
+        """Refuse up front any name this run would write that another run owns."""
+        for step in self.save_steps():
+            path = self.model_path(step)
+            if path.exists() and file_owner(path) != self.run_id:
+                raise SdfastError(f"{path}: exists and was not written by this run "
+                                  "(refusing to overwrite it; use another output name or folder)")
+            state = self.output_dir / state_name(step)
+            if state.exists() and (read_state_info(state) or {}).get("run_id") != self.run_id:
+                raise SdfastError(f"{state}: exists and was not written by this run "
+                                  "(refusing to overwrite it)")
+        if self.state_dir is None:
+            for name in (CSV_NAME, PNG_NAME):
+                if (self.output_dir / name).exists():
+                    raise SdfastError(f"{self.output_dir / name}: exists (another run's log; "
+                                      "pass --resume to continue that run, or use a new folder)")
+
+    # ------------------------------------------------------------------ saving
+    def save_model(self, step, write):
+        """`write(path, overwrite)` on the main process; returns the path."""
+        path = self.model_path(step)
+        if self.accelerator.is_main_process:
+            owned = path.exists()
+            if owned and file_owner(path) != self.run_id:
+                raise SdfastError(f"{path}: exists and was not written by this run")
+            write(path, owned)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def save_state(self, step, loss_rows):
+        """accelerate's save_state into a temporary folder, then renamed into place."""
+        acc = self.accelerator
+        final = self.output_dir / state_name(step)
+        tmp = self.output_dir / f".{final.name}.tmp"
+        if acc.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(os.fspath(tmp))
+        if acc.is_main_process:
+            info = {"run_id": self.run_id, "step": step, "settings": self.settings,
+                    "losses": [list(r) for r in loss_rows]}
+            (tmp / STATE_FILE).write_text(json.dumps(info, indent=1), encoding="utf-8")
+            _replace_folder(tmp, final, self.run_id)
+        acc.wait_for_everyone()
+        return final
+
+    def load_state(self):
+        """Restore weights, optimizer and registered objects from the resume state."""
+        self.accelerator.load_state(os.fspath(self.state_dir))
+
+
+def _replace_folder(tmp, final, run_id):
+    if final.exists():
+        if (read_state_info(final) or {}).get("run_id") != run_id:
+            raise SdfastError(f"{final}: exists and was not written by this run")
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+__all__ = ["RUN_ID_KEY", "STATE_FILE", "TrainRun", "checkpoint_name", "state_name",
+           "file_owner", "find_state", "read_state_info"]
