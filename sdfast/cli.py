@@ -125,13 +125,13 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
-    parser = build_parser()
+def run_parser(parser, argv, what="command"):
+    """Parse `argv` and run the chosen sub-command; bad input is one line on stderr, exit 2."""
     try:
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
-            raise SdfastError("a command is required: " + ", ".join(
-                sorted(parser._subparsers._group_actions[0].choices)))
+            choices = parser._subparsers._group_actions[0].choices
+            raise SdfastError(f"a {what} is required: " + ", ".join(sorted(choices)))
         return args.func(args)
     except SdfastError as exc:
         print(f"sdfast: error: {exc}", file=sys.stderr)
@@ -139,6 +139,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("sdfast: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv=None):
+    return run_parser(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,8 @@ the keyword arguments of `train_finetune` with dashes; their defaults are read f
 import argparse
 import inspect
 import os
-import sys
 
-from ..cli import EXIT_BAD_INPUT, _Parser
+from ..cli import _Parser
 from ..errors import SdfastError
 from .common import LR_SCHEDULERS, MIXED_PRECISIONS, OPTIMIZERS, SAVE_PRECISIONS
 
@@ -102,19 +101,11 @@ def register(subparsers):
 
 def main(argv=None):
     """`python -m sdfast.train METHOD ...`; returns the exit code (2 on bad input)."""
+    from ..cli import run_parser
+
     parser = _Parser(prog="python -m sdfast.train", description="Train Stable Diffusion models.")
     add_finetune_parser(parser.add_subparsers(dest="method", parser_class=_Parser))
-    try:
-        args = parser.parse_args(argv)
-        if not getattr(args, "func", None):
-            raise SdfastError("a method is required: finetune")
-        return args.func(args)
-    except SdfastError as exc:
-        print(f"sdfast: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("sdfast: interrupted", file=sys.stderr)
-        return 130
+    return run_parser(parser, argv, what="method")
 
 
 __all__ = ["register", "add_finetune_parser", "main"]
