@@ -88,8 +88,11 @@ class Pipeline:
 
     def _noise(self, noise, seed, shape):
         if noise is None:
-            generator = torch.Generator("cpu").manual_seed(int(seed))
-            noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+            seeds = seed if isinstance(seed, (list, tuple)) else [seed]
+            rows = (shape[0] // len(seeds), *shape[1:])
+            noise = torch.cat([torch.randn(rows, dtype=torch.float32,
+                                           generator=torch.Generator("cpu").manual_seed(int(s)))
+                               for s in seeds])                              # [B, 4, h, w]
         elif tuple(noise.shape) != tuple(shape):
             raise SdfastError(f"noise must have shape {list(shape)}, got {list(noise.shape)}")
         return noise.to(self.device, torch.float32)
@@ -100,9 +103,16 @@ class Pipeline:
                  strength=0.75, mask=None, clip_skip=1, weighting="a1111", noise=None,
                  output="pil", progress=True):
         """Generate images. Returns a list of PIL images (`output="pil"`), the final latents
-        before the VAE scale is undone (`"latent"`), or `[B, 3, H, W]` in 0..1 (`"tensor"`)."""
+        before the VAE scale is undone (`"latent"`), or `[B, 3, H, W]` in 0..1 (`"tensor"`).
+
+        `prompt` (and `negative_prompt`) may also be a list: one image per prompt. `seed` may be
+        a list with one seed per image: image i then gets exactly the noise that a batch of one
+        with seed[i] gets (A1111-style per-image seeds); one int seeds the whole batch's noise
+        as ComfyUI does.
+        """
         if init_image is None:
             strength = 1.0
+        batch_size = _batch_size(prompt, seed, batch_size)
         sample_fn = check_request(width, height, steps, sampler, scheduler, batch_size,
                                    strength, output, mask, init_image)
         shape = (batch_size, 4, height // 8, width // 8)
@@ -159,10 +169,22 @@ class Pipeline:
             bar.update(1)
 
         try:
-            return sample_fn(denoiser, x, sigmas, extra_args={"seed": int(seed)},
-                             callback=callback)
+            seeds = [int(s) for s in seed] if isinstance(seed, (list, tuple)) else int(seed)
+            return sample_fn(denoiser, x, sigmas, extra_args={"seed": seeds}, callback=callback)
         finally:
             bar.close()
+
+
+def _batch_size(prompt, seed, batch_size):
+    """The batch size implied by list prompts / per-image seeds, checked against `batch_size`."""
+    sizes = {batch_size} if batch_size != 1 else set()
+    if not isinstance(prompt, str):
+        sizes.add(len(prompt))
+    if isinstance(seed, (list, tuple)):
+        sizes.add(len(seed))
+    if len(sizes) > 1:
+        raise SdfastError(f"batch size, prompt list and seed list disagree: {sorted(sizes)}")
+    return sizes.pop() if sizes else 1
 
 
 def _check_choice(what, value, valid):

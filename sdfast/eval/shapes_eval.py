@@ -158,37 +158,15 @@ def _can_batch(pipe) -> bool:
 
 
 def _sample_together(pipe, prompts, seeds, gen):
-    """`pipe.generate(prompts[i], seed=seeds[i], batch_size=1)` for every i, as one batch.
+    """`pipe.generate(prompts[i], seed=seeds[i], batch_size=1)` for every i, as one batch: each
+    image gets its own conditioning row and its own seed's noise. None when the prompts span
+    different numbers of 77-token chunks (padding one to another's length would change its
+    image), so those go one by one."""
+    from ..text import tokenize_prompt
 
-    The same parts `Pipeline.generate` wires for txt2img, with a conditioning row and a seed per
-    item. None when the prompts encode to different lengths (long prompts): padding one to
-    another's length would change its image, so those go one by one.
-    """
-    import torch
-
-    from .. import sampling
-    from ..guidance import CFGDenoiser, UNetCall
-    from ..images import to_output
-    from ..pipeline import check_request
-
-    sample_fn = check_request(gen["width"], gen["height"], gen["steps"], gen["sampler"],
-                              gen["scheduler"], len(prompts), 1.0)
-    with torch.no_grad():
-        pairs = [pipe.encode_prompt(prompt) for prompt in prompts]     # B x ([1, L, C], [1, L, C])
-        if len({cond.shape for cond, _ in pairs}) != 1:
-            return None
-        cond = torch.cat([c for c, _ in pairs]).to(pipe.device).float()     # [B, L, C]
-        uncond = torch.cat([u for _, u in pairs]).to(pipe.device).float()
-        latent = (1, 4, gen["height"] // 8, gen["width"] // 8)
-        noise = torch.cat([torch.randn(latent, generator=torch.Generator("cpu").manual_seed(s),
-                                       dtype=torch.float32) for s in seeds])  # [B, 4, h, w]
-        sigmas = sampling.get_sigmas(gen["scheduler"], pipe.model_sampling,
-                                     gen["steps"]).to(pipe.device)
-        unet = sampling.make_denoiser(UNetCall(pipe.unet, pipe.dtype), pipe.model_sampling)
-        denoiser = CFGDenoiser(unet, cond, uncond, gen["cfg"])
-        x = sample_fn(denoiser, noise.to(pipe.device) * sigmas[0], sigmas,
-                      extra_args={"seed": list(seeds)})
-        return to_output(pipe.decode_latents(x), "pil")
+    if len({len(tokenize_prompt(pipe.tokenizer, p)) for p in prompts}) != 1:
+        return None
+    return pipe.generate(list(prompts), "", seed=list(seeds), output="pil", progress=False, **gen)
 
 
 def _row(index, prompt, seed, spec, expected, analysis) -> dict:
