@@ -91,17 +91,21 @@ def test_real_shapes_generate_matches_diffusers(kind, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(kind)
     ref = make_reference(kind, tmp)
     single = save_single_file(ref, family_of(kind), tmp / "model.safetensors")
+    folder = tmp / "diffusers"
+    ref.save_pretrained(str(folder))
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(11))
     theirs = diffusers_generate(ref, noise)
     with torch.no_grad():
         ref_cond, _ = ref.encode_prompt(PROMPT, "cpu", 1, True, NEGATIVE)
     del ref
-    # The fixture randomises norm biases (std 0.2), which trips ComfyUI's SD2 v-prediction
-    # heuristic (std > 0.09 on one norm bias): say eps explicitly, as a user would.
-    pipe = sdfast.load(single, prediction="eps")
-    assert pipe.info["family"] == family_of(kind)
-    cond, _ = pipe.encode_prompt(PROMPT, NEGATIVE)
-    assert max_diff(cond, ref_cond) < 1e-4 * ref_cond.abs().max().item()
-    ours = pipe.generate(PROMPT, NEGATIVE, width=64, height=64, steps=4, noise=noise,
-                         output="tensor", progress=False)
-    assert max_diff(ours, theirs) < 1e-3
+    for path in (single, folder):
+        # The fixture randomises norm biases (std 0.2), which trips ComfyUI's SD2 v-prediction
+        # heuristic (std > 0.09 on one norm bias): say eps explicitly, as a user would.
+        pipe = sdfast.load(path, prediction="eps")
+        assert pipe.info["family"] == family_of(kind)
+        cond, _ = pipe.encode_prompt(PROMPT, NEGATIVE)
+        assert max_diff(cond, ref_cond) < 1e-4 * ref_cond.abs().max().item()
+        ours = pipe.generate(PROMPT, NEGATIVE, width=64, height=64, steps=4, noise=noise,
+                             output="tensor", progress=False)
+        assert max_diff(ours, theirs) < 1e-3
+        del pipe
