@@ -18,18 +18,20 @@ def _default_device(device):
     return torch.device(device)
 
 
-def load(path, device=None, dtype=None, prediction=None):
+def load(path=None, device=None, dtype=None, prediction=None):
     """Load a Stable Diffusion 1.x / 2.x model into a ready `Pipeline`.
 
     `path`: an LDM single file (.safetensors; .ckpt/.pt read with weights_only=True) or a
-    diffusers folder. `device` defaults to CUDA when present, else the CPU; `dtype` to float16
+    diffusers folder; None loads sdfast's built-in model. `device` defaults to CUDA when present, else the CPU; `dtype` to float16
     on CUDA and float32 on the CPU. `prediction` ("eps" or "v") overrides detection.
     """
     import torch
 
+    from .builtin import resolve_model
     from .io.load import load_components
     from .pipeline import Pipeline
 
+    path = resolve_model(path)
     device = _default_device(device)
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32

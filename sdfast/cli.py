@@ -37,7 +37,8 @@ def _positive_int(text):
 
 def _add_generate(sub):
     p = sub.add_parser("generate", help="text-to-image, image-to-image and inpainting")
-    p.add_argument("--model", required=True, help="checkpoint file or diffusers folder")
+    p.add_argument("--model", help="checkpoint file or diffusers folder (default: the "
+                   "built-in model)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("-W", "--width", type=_positive_multiple_of_8, default=512)
@@ -74,12 +75,14 @@ def _check_readable(path, what):
 def _generate(args):
     from . import load
     from .io.png import a1111_parameters, free_paths, save_png
+    from .builtin import resolve_model
     from .pipeline import check_request
 
     check_request(args.width, args.height, args.steps, args.sampler, args.scheduler, args.batch,
                   args.strength if args.init_image else 1.0, mask=args.mask,
                   init_image=args.init_image)
     _check_readable(args.model, "file or directory")
+    args.model = resolve_model(args.model)
     _check_readable(args.init_image, "file")
     _check_readable(args.mask, "file")
     pipe = load(args.model, device=args.device)

@@ -20,6 +20,18 @@ VAE = dict(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1)
 TEXT = dict(width=64, layers=4, heads=1, mlp_width=256)
 
 
+def resolve_model(path=None):
+    """`path` as given, or the built-in model when it is None (the default of every command)."""
+    from ..errors import SdfastError
+
+    if path is not None:
+        return path
+    if not MODEL_PATH.exists():
+        raise SdfastError(f"the built-in model is not installed ({MODEL_PATH} is missing); "
+                          "pass a model path")
+    return str(MODEL_PATH)
+
+
 def configs():
     from ..models.clip import CLIPTextConfig
     from ..models.unet import UNetConfig

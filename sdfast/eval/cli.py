@@ -54,16 +54,11 @@ def _missing_subcommand(args):
 
 def _model_path(model):
     """The checkpoint to evaluate: `--model`, or the built-in model when it is installed."""
-    if model is not None:
-        if not os.path.exists(model):
-            raise SdfastError(f"{model}: no such file or directory")
-        return model
-    from ..builtin import MODEL_PATH
+    from ..builtin import resolve_model
 
-    if not os.path.exists(MODEL_PATH):
-        raise SdfastError(f"the built-in model is not installed ({MODEL_PATH} is missing); "
-                          "pass --model PATH")
-    return str(MODEL_PATH)
+    if model is not None and not os.path.exists(model):
+        raise SdfastError(f"{model}: no such file or directory")
+    return resolve_model(model)
 
 
 def _check_outputs(args):
