@@ -1,5 +1,7 @@
 """Behaviour of Pipeline.generate beyond plain txt2img parity: seeds, outputs, CFG, img2img,
 inpainting (both kinds), long prompts, every sampler and scheduler, saving and reloading."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -163,6 +165,9 @@ def test_progress_bar_sees_every_step(pipe, monkeypatch):
 def test_save_and_reload_round_trip(pipe, tmp_path):
     path = save_checkpoint(tmp_path / "copy.safetensors", pipe.unet, pipe.vae, pipe.text_encoder,
                            "sd1")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask
     again = sdfast.load(path)
     for name in ("unet", "vae", "text_encoder"):
         ours, theirs = getattr(pipe, name).state_dict(), getattr(again, name).state_dict()

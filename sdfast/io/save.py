@@ -35,6 +35,12 @@ def model_metadata(unet, family, prediction):
     return meta
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_atomic(tensors, path, metadata=None, overwrite=False):
     """Save a safetensors file via a temporary file and `os.replace`: an interrupted save leaves
     any previous file intact. Refuses an existing `path` unless `overwrite`."""
@@ -48,6 +54,7 @@ def save_atomic(tensors, path, metadata=None, overwrite=False):
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
         save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+        os.chmod(tmp, 0o666 & ~_umask())      # safetensors creates 0600; honour the umask
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
