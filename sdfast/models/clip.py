@@ -28,12 +28,13 @@ Attention is causal. `sdfast.ops.attention` has no mask argument yet, so this mo
 is ~1% of a generation's run time).
 """
 import math
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .layers import key_indices
 
 __all__ = ["CLIPTextConfig", "CLIPTextModel", "OpenCLIPTextConfig", "OpenCLIPTextModel",
            "quick_gelu"]
@@ -58,13 +59,13 @@ def _check_common(cfg):
         raise ValueError(f"width {cfg.width} is not divisible by heads {cfg.heads}")
 
 
-def _block_indices(sd, pattern):
-    """The block count from keys matching `pattern` (a regex with one group, the block index)."""
-    found = {int(m.group(1)) for k in sd if (m := re.match(pattern, k))}
+def _block_count(sd, prefix):
+    """The number of blocks `prefix{i}.*` in a state dict, which must be numbered 0..n-1."""
+    found = key_indices(sd, prefix)
     if not found:
-        raise ValueError(f"no transformer blocks found (pattern {pattern!r})")
-    if found != set(range(len(found))):
-        raise ValueError(f"block indices are not 0..n-1: {sorted(found)}")
+        raise ValueError(f"no transformer blocks found (prefix {prefix!r})")
+    if found != list(range(len(found))):
+        raise ValueError(f"block indices are not 0..n-1: {found}")
     return len(found)
 
 
@@ -105,7 +106,7 @@ class CLIPTextConfig:
         tok = _require(sd, prefix + "text_model.embeddings.token_embedding.weight")
         pos = _require(sd, prefix + "text_model.embeddings.position_embedding.weight")
         fc1 = _require(sd, prefix + "text_model.encoder.layers.0.mlp.fc1.weight")
-        layers = _block_indices(sd, re.escape(prefix) + r"text_model\.encoder\.layers\.(\d+)\.")
+        layers = _block_count(sd, prefix + "text_model.encoder.layers.")
         return cls(vocab_size=tok.shape[0], width=tok.shape[1], layers=layers,
                    heads=_heads_for(tok.shape[1]), positions=pos.shape[0], mlp_width=fc1.shape[0])
 
@@ -147,7 +148,7 @@ class OpenCLIPTextConfig:
         tok = _require(sd, prefix + "token_embedding.weight")
         pos = _require(sd, prefix + "positional_embedding")
         fc = _require(sd, prefix + "transformer.resblocks.0.mlp.c_fc.weight")
-        layers = _block_indices(sd, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
+        layers = _block_count(sd, prefix + "transformer.resblocks.")
         proj = sd.get(prefix + "text_projection")
         return cls(vocab_size=tok.shape[0], width=tok.shape[1], layers=layers,
                    heads=_heads_for(tok.shape[1]), positions=pos.shape[0], mlp_width=fc.shape[0],
