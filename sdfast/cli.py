@@ -41,8 +41,10 @@ def _add_generate(sub):
                    "built-in model)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative", default="", help="negative prompt")
-    p.add_argument("-W", "--width", type=_positive_multiple_of_8, default=512)
-    p.add_argument("-H", "--height", type=_positive_multiple_of_8, default=512)
+    p.add_argument("-W", "--width", type=_positive_multiple_of_8,
+                   help="default: the model's native size (64 for the built-in model, 512 for "
+                   "SD1.x, 768 for SD2.x v-prediction)")
+    p.add_argument("-H", "--height", type=_positive_multiple_of_8)
     p.add_argument("--steps", type=_positive_int, default=20)
     p.add_argument("--cfg", type=float, default=7.0)
     p.add_argument("--sampler", default="euler")
@@ -78,7 +80,7 @@ def _generate(args):
     from .builtin import resolve_model
     from .pipeline import check_request
 
-    check_request(args.width, args.height, args.steps, args.sampler, args.scheduler, args.batch,
+    check_request(args.width or 8, args.height or 8, args.steps, args.sampler, args.scheduler, args.batch,
                   args.strength if args.init_image else 1.0, mask=args.mask,
                   init_image=args.init_image)
     _check_readable(args.model, "file or directory")
@@ -86,6 +88,8 @@ def _generate(args):
     _check_readable(args.init_image, "file")
     _check_readable(args.mask, "file")
     pipe = load(args.model, device=args.device)
+    args.width = args.width or pipe.native_size[0]
+    args.height = args.height or pipe.native_size[1]
     images = pipe.generate(
         args.prompt, args.negative, width=args.width, height=args.height, steps=args.steps,
         cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, seed=args.seed,

@@ -97,8 +97,15 @@ class Pipeline:
             raise SdfastError(f"noise must have shape {list(shape)}, got {list(noise.shape)}")
         return noise.to(self.device, torch.float32)
 
+    @property
+    def native_size(self):
+        """`(width, height)` the model was trained at, the default of `generate`: the file's
+        `sdfast.resolution` or ModelSpec `modelspec.resolution` metadata, else 768 for SD2
+        v-prediction models and 512 for the rest (as A1111 and ComfyUI default)."""
+        return native_size(self.metadata, self._info)
+
     @torch.no_grad()
-    def generate(self, prompt, negative_prompt="", *, width=512, height=512, steps=20, cfg=7.0,
+    def generate(self, prompt, negative_prompt="", *, width=None, height=None, steps=20, cfg=7.0,
                  sampler="euler", scheduler="normal", seed=0, batch_size=1, init_image=None,
                  strength=0.75, mask=None, clip_skip=1, weighting="a1111", noise=None,
                  output="pil", progress=True):
@@ -108,10 +115,12 @@ class Pipeline:
         `prompt` (and `negative_prompt`) may also be a list: one image per prompt. `seed` may be
         a list with one seed per image: image i then gets exactly the noise that a batch of one
         with seed[i] gets (A1111-style per-image seeds); one int seeds the whole batch's noise
-        as ComfyUI does.
+        as ComfyUI does. `width`/`height` default to `native_size`.
         """
         if init_image is None:
             strength = 1.0
+        width = self.native_size[0] if width is None else width
+        height = self.native_size[1] if height is None else height
         batch_size = _batch_size(prompt, seed, batch_size)
         sample_fn = check_request(width, height, steps, sampler, scheduler, batch_size,
                                    strength, output, mask, init_image)
@@ -190,6 +199,29 @@ def _batch_size(prompt, seed, batch_size):
 def _check_choice(what, value, valid):
     if value not in valid:
         raise SdfastError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+
+
+RESOLUTION_KEY = "sdfast.resolution"     # "64" or "640x512", written by sdfast's trainers
+MODELSPEC_RESOLUTION_KEY = "modelspec.resolution"
+
+
+def native_size(metadata, info):
+    """`(width, height)` for a model (see `Pipeline.native_size`)."""
+    for key in (RESOLUTION_KEY, MODELSPEC_RESOLUTION_KEY):
+        text = str(metadata.get(key, "")).strip()
+        if text:
+            try:
+                parts = [int(part) for part in text.lower().split("x")]
+            except ValueError:
+                continue
+            if len(parts) in (1, 2) and all(p >= 8 and p % 8 == 0 for p in parts):
+                return parts[0], parts[-1]
+    from .builtin import MODEL_NAME, RESOLUTION
+
+    if metadata.get("sdfast.model") == MODEL_NAME:          # the first shipped version lacks the key
+        return RESOLUTION, RESOLUTION
+    side = 768 if info.family == "sd2" and info.prediction == "v" else 512
+    return side, side
 
 
 def check_request(width, height, steps, sampler, scheduler, batch_size, strength, output="pil",

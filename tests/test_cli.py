@@ -125,3 +125,32 @@ def test_generate_writes_pngs_with_a1111_parameters_and_never_overwrites(tiny_mo
     rc, stdout, err = run_cli(*args[:-2], "--seed", "8", "-o", str(out), "--overwrite")
     assert rc == 0, err
     assert out.read_bytes() != first
+
+
+def test_generate_defaults_to_the_models_native_size(tmp_path):
+    # No -W/-H: the built-in model is sampled at the 64x64 it was trained at, not at 512.
+    from PIL import Image
+
+    out = tmp_path / "native.png"
+    rc, stdout, err = run_cli(*GEN, "--steps", "1", "--quiet", "-o", str(out))
+    assert rc == 0, err
+    with Image.open(out) as img:
+        assert img.size == (64, 64)
+        assert "Size: 64x64" in img.text["parameters"]
+
+
+@pytest.mark.parametrize("metadata,family,prediction,expected", [
+    ({"sdfast.resolution": "96"}, "sd1", "eps", (96, 96)),
+    ({"modelspec.resolution": "640x512"}, "sd1", "eps", (640, 512)),
+    ({"modelspec.resolution": "huge"}, "sd1", "eps", (512, 512)),
+    ({}, "sd2", "v", (768, 768)),
+    ({}, "sd2", "eps", (512, 512)),
+    ({"sdfast.model": "sdfast-shapes"}, "sd1", "eps", (64, 64)),
+])
+def test_native_size_rules(metadata, family, prediction, expected):
+    from types import SimpleNamespace
+
+    from sdfast.pipeline import native_size
+
+    info = SimpleNamespace(family=family, prediction=prediction)
+    assert native_size(metadata, info) == expected

@@ -58,7 +58,11 @@ def init_models(seed=0):
     unet_cfg, vae_cfg, text_cfg = configs()
     torch.manual_seed(seed)
     unet, vae, text = UNetModel(unet_cfg), AutoencoderKL(vae_cfg), CLIPTextModel(text_cfg)
+    # CLIP's initialisation of the embeddings (token std 0.02, position std 0.01). nn.Embedding's
+    # default N(0, 1) positions would drown the tokens: every prompt would encode alike at the
+    # start and the UNet would learn to ignore the text (measured: the first trained version).
     torch.nn.init.normal_(text.token_embedding.weight, std=0.02)
+    torch.nn.init.normal_(text.text_model.embeddings.position_embedding.weight, std=0.01)
     _zero_init_(unet)
     return unet, vae, text
 

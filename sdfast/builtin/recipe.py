@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 # Recipe settings (the README quotes the command; change them here only).
-FULL = dict(dataset_size=6000, vae_steps=1200, vae_batch=16, vae_lr=1e-3, unet_steps=3000,
+FULL = dict(dataset_size=6000, vae_steps=2000, vae_batch=16, vae_lr=1e-3, unet_steps=3000,
             unet_batch=64, unet_lr=6e-4, text_lr=3e-4, caption_dropout=0.1, eval_n=200)
 # The same recipe at toy scale, to check the whole path in seconds (`--smoke`, and the tests).
 SMOKE = dict(FULL, dataset_size=32, vae_steps=3, vae_batch=4, unet_steps=3, unet_batch=8,
