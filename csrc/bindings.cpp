@@ -1,7 +1,23 @@
 // sdfast._C: the CPU kernels, torch-free, behind pybind11.
-// Each binding takes buffer addresses (ints), sizes and strides; all input checks live in
-// sdfast/ops on the Python side, so nothing here knows about tensors.
+// Each binding takes buffer addresses (ints), sizes and strides (in elements) and fills the
+// kernel's params struct; all input checks live in sdfast/ops/cpu_backend.py, so nothing
+// here knows about tensors. The GIL is released while a kernel runs.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "cpu/kernels.h"
+
+namespace py = pybind11;
+using sdfast::cpu::AttentionParams;
+using sdfast::cpu::GroupNormParams;
+using sdfast::cpu::LoraMergeParams;
 
 #if defined(__AVX2__)
 static constexpr bool kHasAvx2 = true;
@@ -9,12 +25,87 @@ static constexpr bool kHasAvx2 = true;
 static constexpr bool kHasAvx2 = false;
 #endif
 
+template <typename T>
+static T* ptr(std::uintptr_t addr) { return reinterpret_cast<T*>(addr); }
+
+// Threads for the next kernel (the caller passes torch.get_num_threads()); 0 keeps the default.
+static void set_threads(int threads) {
+#ifdef _OPENMP
+  if (threads > 0) omp_set_num_threads(threads);
+#else
+  (void)threads;
+#endif
+}
+
+static void group_norm_f32(std::uintptr_t x, std::uintptr_t y, std::uintptr_t weight,
+                           std::uintptr_t bias, std::uintptr_t add, int64_t B, int64_t C, int64_t S,
+                           int64_t G, std::vector<int64_t> x_strides, std::vector<int64_t> y_strides,
+                           std::vector<int64_t> add_strides, double eps, bool silu, int threads) {
+  GroupNormParams p{ptr<const float>(x), ptr<float>(y), ptr<const float>(weight),
+                    ptr<const float>(bias), ptr<const float>(add), B, C, S, G,
+                    x_strides.at(0), x_strides.at(1), x_strides.at(2),
+                    y_strides.at(0), y_strides.at(1), y_strides.at(2),
+                    add_strides.at(0), add_strides.at(1), static_cast<float>(eps), silu};
+  py::gil_scoped_release release;
+  set_threads(threads);
+  sdfast::cpu::group_norm(p);
+}
+
+static void attention_f32(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t o,
+                          int64_t B, int64_t H, int64_t N, int64_t M, int64_t D,
+                          std::vector<int64_t> q_strides, std::vector<int64_t> k_strides,
+                          std::vector<int64_t> v_strides, std::vector<int64_t> o_strides,
+                          double scale, int64_t key_block, int threads) {
+  AttentionParams p{ptr<const float>(q), ptr<const float>(k), ptr<const float>(v), ptr<float>(o),
+                    B, H, N, M, D,
+                    q_strides.at(0), q_strides.at(1), q_strides.at(2),
+                    k_strides.at(0), k_strides.at(1), k_strides.at(2),
+                    v_strides.at(0), v_strides.at(1), v_strides.at(2),
+                    o_strides.at(0), o_strides.at(1), o_strides.at(2),
+                    static_cast<float>(scale), key_block};
+  py::gil_scoped_release release;
+  set_threads(threads);
+  sdfast::cpu::attention(p);
+}
+
+static void lora_merge_f32(std::uintptr_t w, int64_t O, int64_t I, int64_t ldw,
+                           std::vector<std::uintptr_t> ups, std::vector<int64_t> ups_ld,
+                           std::vector<std::uintptr_t> downs, std::vector<int64_t> downs_ld,
+                           std::vector<int64_t> ranks, std::vector<float> scales, int threads) {
+  const size_t n = ups.size();
+  if (downs.size() != n || ups_ld.size() != n || downs_ld.size() != n || ranks.size() != n ||
+      scales.size() != n)
+    throw py::value_error("lora_merge_f32: per-LoRA lists differ in length");
+  std::vector<const float*> up_p(n), down_p(n);
+  for (size_t l = 0; l < n; ++l) {
+    up_p[l] = ptr<const float>(ups[l]);
+    down_p[l] = ptr<const float>(downs[l]);
+  }
+  LoraMergeParams p{ptr<float>(w), O, I, ldw, static_cast<int64_t>(n), up_p.data(), ups_ld.data(),
+                    down_p.data(), downs_ld.data(), ranks.data(), scales.data()};
+  py::gil_scoped_release release;
+  set_threads(threads);
+  sdfast::cpu::lora_merge(p);
+}
+
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "sdfast CPU kernels (torch-free)";
+  m.doc() = "sdfast CPU kernels (torch-free): addresses, sizes and element strides in";
   m.attr("built_with_avx2") = kHasAvx2;
 #ifdef _OPENMP
   m.attr("built_with_openmp") = true;
 #else
   m.attr("built_with_openmp") = false;
 #endif
+  m.def("group_norm_f32", &group_norm_f32, "GroupNorm (+add, +SiLU) over [B, C, S], fp32",
+        py::arg("x"), py::arg("y"), py::arg("weight"), py::arg("bias"), py::arg("add"),
+        py::arg("B"), py::arg("C"), py::arg("S"), py::arg("G"), py::arg("x_strides"),
+        py::arg("y_strides"), py::arg("add_strides"), py::arg("eps"), py::arg("silu"), py::arg("threads") = 0);
+  m.def("attention_f32", &attention_f32, "softmax(q k^T * scale) v over [B, H, N|M, D], fp32",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("B"), py::arg("H"),
+        py::arg("N"), py::arg("M"), py::arg("D"), py::arg("q_strides"), py::arg("k_strides"),
+        py::arg("v_strides"), py::arg("o_strides"), py::arg("scale"), py::arg("key_block") = 0,
+        py::arg("threads") = 0);
+  m.def("lora_merge_f32", &lora_merge_f32, "W += sum_l scale_l up_l @ down_l in place, fp32",
+        py::arg("w"), py::arg("O"), py::arg("I"), py::arg("ldw"), py::arg("ups"), py::arg("ups_ld"),
+        py::arg("downs"), py::arg("downs_ld"), py::arg("ranks"), py::arg("scales"), py::arg("threads") = 0);
 }

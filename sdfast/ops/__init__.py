@@ -1,37 +1,86 @@
 """The one dispatch layer for sdfast's fused ops.
 
-Models call these functions, never a kernel directly. Today every op runs on the pure-torch
-reference backend; the kernels issue adds cpu / triton / cuda backends behind the same names.
+Models call these functions, never a kernel directly. Each checks its arguments (the same
+rules for every backend), then runs the torch.library custom op `torch.ops.sdfast.<op>`,
+whose registry (sdfast.ops.registry) picks the backend: `reference` (pure torch, always),
+`cpu` (csrc/cpu via sdfast._C), `triton` (kernels/), `cuda` (csrc/cuda via sdfast._C_cuda).
+
+Force a backend with the `backend=` argument, `with use_backend("cpu"):` or the environment
+variable SDFAST_BACKEND (`cpu`, or per op: `attention=cpu,group_norm=reference`); forcing a
+backend that is not available here, or that cannot run the arguments, raises SdfastError.
 """
-from .reference import attention_ref, group_norm_ref
+import torch
 
-__all__ = ["group_norm", "attention", "backends"]
+from sdfast.errors import SdfastError
 
-_BACKENDS = {"group_norm": ["reference"], "attention": ["reference"]}
+from . import custom as _custom
+from .reference import attention_ref, group_norm_ref, lora_merge_ref
+from .registry import backends, forced_backend, register, use_backend
+
+__all__ = ["group_norm", "attention", "lora_merge_", "backends", "use_backend", "register",
+           "forced_backend", "group_norm_ref", "attention_ref", "lora_merge_ref", "SdfastError"]
 
 
-def _check_backend(op, backend):
-    if backend not in (None, "reference"):
-        raise ValueError(f"backend {backend!r} is not available for {op} here; "
-                         f"available: {', '.join(_BACKENDS[op])}")
-
-
-def backends(op):
-    """The backends available on this machine for `op`."""
-    if op not in _BACKENDS:
-        raise ValueError(f"unknown op {op!r}; ops: {', '.join(sorted(_BACKENDS))}")
-    return list(_BACKENDS[op])
+def _backend_arg(backend):
+    if backend is not None and not isinstance(backend, str):
+        raise SdfastError(f"backend must be a name or None, got {backend!r}")
+    return backend or ""
 
 
 def group_norm(x, num_groups, weight, bias, eps=1e-5, silu=False, add=None, backend=None):
-    """GroupNorm over `[B, C, *]`, optionally with `add` (`[B, C]`) added before the norm
-    and SiLU applied after it."""
-    _check_backend("group_norm", backend)
-    return group_norm_ref(x, num_groups, weight, bias, eps=eps, silu=silu, add=add)
+    """GroupNorm over `[B, C, *]` (contiguous or channels-last), optionally with `add`
+    (`[B, C]`, or `[B, C, 1, 1]`) added before the norm and SiLU applied after it."""
+    if x.dim() < 2:
+        raise SdfastError(f"group_norm takes [B, C, *] input, got shape {tuple(x.shape)}")
+    c = x.shape[1]
+    if num_groups <= 0 or c % num_groups:
+        raise SdfastError(f"group_norm: {c} channels do not split into {num_groups} groups")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (c,):
+            raise SdfastError(f"group_norm: {name} has shape {tuple(t.shape)}, expected ({c},)")
+    if add is not None:
+        if (add.dim() < 2 or add.shape[0] not in (1, x.shape[0]) or add.shape[1] != c
+                or any(n != 1 for n in add.shape[2:])):
+            raise SdfastError(f"group_norm: add has shape {tuple(add.shape)}, expected "
+                              f"[{x.shape[0]}, {c}] (trailing 1s allowed)")
+    return torch.ops.sdfast.group_norm(x, int(num_groups), weight, bias, float(eps), bool(silu),
+                                       add, _backend_arg(backend))
 
 
 def attention(q, k, v, backend=None):
     """Softmax attention of `[B, heads, N, D]` queries against `[B, heads, M, D]` keys and
-    values with scale 1/sqrt(D)."""
-    _check_backend("attention", backend)
-    return attention_ref(q, k, v)
+    values with scale 1/sqrt(D). Returns `[B, heads, N, D]` laid out as `[B, N, heads, D]`."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise SdfastError("attention takes [B, heads, N, D] q and [B, heads, M, D] k, v; got "
+                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[-1] != q.shape[-1] or k.shape[2] != v.shape[2] or k.shape[:2] != v.shape[:2]:
+        raise SdfastError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} do not match "
+                          f"q {tuple(q.shape)}")
+    if q.shape[:2] != k.shape[:2]:
+        raise SdfastError(f"attention: q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch "
+                          "or heads")
+    return torch.ops.sdfast.attention(q, k, v, _backend_arg(backend))
+
+
+def lora_merge_(weight, up, down, scale, backend=None):
+    """In place `weight += scale * up @ down` with fp32 accumulation; returns `weight`.
+
+    Linear: weight [O, I], up [O, r], down [r, I]. Conv: weight [O, I, kh, kw], up [O, r, 1, 1]
+    (or [O, r]), down [r, I, kh, kw]. Lists for `up`, `down` and `scale` merge several LoRAs
+    in one pass over the weight.
+    """
+    ups, downs, scales = (list(a) if isinstance(a, (list, tuple)) else [a]
+                          for a in (up, down, scale))
+    if not len(ups) == len(downs) == len(scales):
+        raise SdfastError(f"lora_merge_: {len(ups)} ups, {len(downs)} downs, {len(scales)} scales")
+    o, inner = weight.shape[0], weight[0].numel() if weight.dim() > 1 else None
+    if inner is None:
+        raise SdfastError(f"lora_merge_: weight must be [O, I] or [O, I, kh, kw], got {tuple(weight.shape)}")
+    for u, d in zip(ups, downs):
+        r = d.shape[0]
+        if u.shape[0] != o or u[0].numel() != r or d[0].numel() != inner:
+            raise SdfastError(f"lora_merge_: up {tuple(u.shape)} @ down {tuple(d.shape)} does not "
+                              f"give weight {tuple(weight.shape)}")
+    torch.ops.sdfast.lora_merge(weight, ups, downs, [float(s) for s in scales],
+                                _backend_arg(backend))
+    return weight

@@ -1,4 +1,8 @@
-"""Pure-torch references: the definition of correct for every backend."""
+"""Pure-torch references: the definition of correct for every backend.
+
+These are also the `reference` backend (sdfast.ops.registry), so they take the same
+arguments as every backend's functions.
+"""
 import torch
 import torch.nn.functional as F
 
@@ -14,4 +18,23 @@ def attention_ref(q, k, v):
     return F.scaled_dot_product_attention(q, k, v)
 
 
-__all__ = ["group_norm_ref", "attention_ref"]
+def lora_merge_ref(weight, ups, downs, scales):
+    """weight += sum_l scales[l] * ups[l] @ downs[l], accumulated in fp32, in place.
+
+    `weight` [O, I] (linear) or [O, I, kh, kw] (conv); `ups[l]` [O, r] or [O, r, 1, 1];
+    `downs[l]` [r, I] or [r, I, kh, kw]. Single tensors / a float are read as one LoRA.
+    """
+    if isinstance(ups, torch.Tensor):
+        ups, downs, scales = [ups], [downs], [scales]
+    w32 = weight.detach().float().reshape(weight.shape[0], -1)  # [O, I*kh*kw]
+    if w32.data_ptr() == weight.data_ptr():
+        w32 = w32.clone()
+    for up, down, scale in zip(ups, downs, scales):
+        delta = up.float().reshape(up.shape[0], -1) @ down.float().reshape(down.shape[0], -1)
+        w32 += float(scale) * delta  # [O, r] @ [r, I*kh*kw]
+    with torch.no_grad():
+        weight.copy_(w32.reshape(weight.shape))
+    return weight
+
+
+__all__ = ["group_norm_ref", "attention_ref", "lora_merge_ref"]

@@ -1,0 +1,48 @@
+// sdfast CPU kernels (fp32, OpenMP + AVX2). Torch-free: raw pointers, sizes, element strides.
+// All input checks live in sdfast/ops/cpu_backend.py; these functions trust their arguments.
+#pragma once
+#include <cstdint>
+
+namespace sdfast {
+namespace cpu {
+
+// y[b, c, s] = act((x[b, c, s] + add[b, c] - mean[b, g]) * rstd[b, g] * weight[c] + bias[c])
+// over G groups of C / G channels; act is SiLU when `silu`, else identity. Strides in elements:
+// (sxb, sxc, sxs) for x, (syb, syc, sys) for y, (sab, sac) for add. Either sxs == 1 (NCHW,
+// [B, C, N]) or sxc == 1 (channels-last); the same holds for y. `add`, `weight`, `bias` may be null.
+struct GroupNormParams {
+  const float* x; float* y;
+  const float* weight; const float* bias; const float* add;
+  int64_t B, C, S, G;
+  int64_t sxb, sxc, sxs, syb, syc, sys, sab, sac;
+  float eps; bool silu;
+};
+void group_norm(const GroupNormParams& p);
+
+// o[b, h, i, :] = softmax_j(q[b, h, i, :] . k[b, h, j, :] * scale) @ v[b, h, :, :]
+// q [B, H, N, D], k and v [B, H, M, D], o [B, H, N, D]; last-dimension stride 1 everywhere,
+// other strides free. Keys are processed in blocks of `key_block` (M or less: 0 = automatic)
+// with an online softmax; one block means the whole K/V of a head stays in cache.
+struct AttentionParams {
+  const float* q; const float* k; const float* v; float* o;
+  int64_t B, H, N, M, D;
+  int64_t sqb, sqh, sqn, skb, skh, skm, svb, svh, svm, sob, soh, son;
+  float scale; int64_t key_block;
+};
+void attention(const AttentionParams& p);
+
+// W[o, i] += sum_l scale_l * sum_r up_l[o, r] * down_l[r, i], in fp32, one pass over W.
+// W is [O, I] with row stride ldw and unit column stride; up_l [O, rank_l] row-major
+// (row stride ups_ld[l], unit column stride); down_l [rank_l, I] with row stride downs_ld[l]
+// and unit column stride.
+struct LoraMergeParams {
+  float* w; int64_t O, I, ldw;
+  int64_t n_lora;
+  const float* const* ups; const int64_t* ups_ld;
+  const float* const* downs; const int64_t* downs_ld;
+  const int64_t* ranks; const float* scales;
+};
+void lora_merge(const LoraMergeParams& p);
+
+}  // namespace cpu
+}  // namespace sdfast

@@ -1,0 +1,150 @@
+// C++ tests of the CPU kernels (csrc/cpu) against naive double-precision loops. Run by ctest.
+// Exit status 0 when every case is within tolerance; each failure is printed.
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "cpu/kernels.h"
+
+using namespace sdfast::cpu;
+
+static int g_failures = 0;
+
+static std::vector<float> randn(size_t n, unsigned seed, float mean = 0.0f) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> dist(mean, 1.0f);
+  std::vector<float> out(n);
+  for (auto& v : out) v = dist(gen);
+  return out;
+}
+
+static void expect_close(const char* name, const std::vector<float>& got,
+                         const std::vector<double>& want, double tol) {
+  double worst = 0.0;
+  for (size_t i = 0; i < got.size(); ++i) worst = std::max(worst, std::fabs(got[i] - want[i]));
+  const bool ok = worst <= tol;
+  std::printf("%-48s max|err| %.3g (tol %.3g) %s\n", name, worst, tol, ok ? "ok" : "FAIL");
+  if (!ok) ++g_failures;
+}
+
+static void test_group_norm(int64_t B, int64_t C, int64_t S, int64_t G, bool channels_last, bool silu,
+                            bool add) {
+  auto x = randn(B * C * S, 1, 0.5f), w = randn(C, 2), b = randn(C, 3), a = randn(B * C, 4);
+  std::vector<float> y(x.size());
+  std::vector<double> ref(x.size());
+  // logical (b, c, s) -> memory offset
+  auto off = [&](int64_t bi, int64_t c, int64_t s) {
+    return channels_last ? bi * S * C + s * C + c : bi * C * S + c * S + s;
+  };
+  const int64_t Cg = C / G;
+  for (int64_t bi = 0; bi < B; ++bi)
+    for (int64_t g = 0; g < G; ++g) {
+      double sum = 0, sq = 0;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c)
+        for (int64_t s = 0; s < S; ++s) sum += x[off(bi, c, s)] + (add ? a[bi * C + c] : 0.0);
+      const double mean = sum / (Cg * S);
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c)
+        for (int64_t s = 0; s < S; ++s) {
+          const double d = x[off(bi, c, s)] + (add ? a[bi * C + c] : 0.0) - mean;
+          sq += d * d;
+        }
+      const double rstd = 1.0 / std::sqrt(sq / (Cg * S) + 1e-5);
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c)
+        for (int64_t s = 0; s < S; ++s) {
+          double v = (x[off(bi, c, s)] + (add ? a[bi * C + c] : 0.0) - mean) * rstd * w[c] + b[c];
+          if (silu) v = v / (1.0 + std::exp(-v));
+          ref[off(bi, c, s)] = v;
+        }
+    }
+  const int64_t sb = C * S, sc = channels_last ? 1 : S, ss = channels_last ? C : 1;
+  GroupNormParams p{x.data(), y.data(), w.data(), b.data(), add ? a.data() : nullptr, B, C, S, G,
+                    sb, sc, ss, sb, sc, ss, C, 1, 1e-5f, silu};
+  group_norm(p);
+  char name[128];
+  std::snprintf(name, sizeof name, "group_norm B%lld C%lld S%lld G%lld %s%s%s", (long long)B,
+                (long long)C, (long long)S, (long long)G, channels_last ? "nhwc" : "nchw",
+                silu ? " silu" : "", add ? " add" : "");
+  expect_close(name, y, ref, 5e-6);
+}
+
+static void test_attention(int64_t B, int64_t H, int64_t N, int64_t M, int64_t D, int64_t key_block) {
+  auto q = randn(B * H * N * D, 5), k = randn(B * H * M * D, 6), v = randn(B * H * M * D, 7);
+  std::vector<float> o(B * H * N * D);
+  std::vector<double> ref(o.size()), s(M);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  for (int64_t bh = 0; bh < B * H; ++bh)
+    for (int64_t i = 0; i < N; ++i) {
+      double mx = -1e300, sum = 0;
+      for (int64_t j = 0; j < M; ++j) {
+        double dot = 0;
+        for (int64_t d = 0; d < D; ++d) dot += double(q[(bh * N + i) * D + d]) * k[(bh * M + j) * D + d];
+        s[j] = dot * scale;
+        mx = std::max(mx, s[j]);
+      }
+      for (int64_t j = 0; j < M; ++j) sum += s[j] = std::exp(s[j] - mx);
+      for (int64_t d = 0; d < D; ++d) {
+        double acc = 0;
+        for (int64_t j = 0; j < M; ++j) acc += s[j] * v[(bh * M + j) * D + d];
+        ref[(bh * N + i) * D + d] = acc / sum;
+      }
+    }
+  AttentionParams p{q.data(), k.data(), v.data(), o.data(), B, H, N, M, D,
+                    H * N * D, N * D, D, H * M * D, M * D, D, H * M * D, M * D, D, H * N * D, N * D, D,
+                    static_cast<float>(scale), key_block};
+  attention(p);
+  char name[128];
+  std::snprintf(name, sizeof name, "attention B%lld H%lld N%lld M%lld D%lld kb%lld", (long long)B,
+                (long long)H, (long long)N, (long long)M, (long long)D, (long long)key_block);
+  expect_close(name, o, ref, 2e-5);
+}
+
+static void test_lora(int64_t O, int64_t I, std::vector<int64_t> ranks) {
+  auto w = randn(O * I, 8);
+  std::vector<double> ref(w.begin(), w.end());
+  std::vector<std::vector<float>> ups, downs;
+  std::vector<const float*> up_p, down_p;
+  std::vector<int64_t> up_ld, down_ld;
+  std::vector<float> scales;
+  for (size_t l = 0; l < ranks.size(); ++l) {
+    const int64_t r = ranks[l];
+    ups.push_back(randn(O * r, 9 + l));
+    downs.push_back(randn(r * I, 19 + l));
+    scales.push_back(0.5f + l);
+    for (int64_t o = 0; o < O; ++o)
+      for (int64_t i = 0; i < I; ++i) {
+        double acc = 0;
+        for (int64_t k = 0; k < r; ++k) acc += double(ups[l][o * r + k]) * downs[l][k * I + i];
+        ref[o * I + i] += scales[l] * acc;
+      }
+    up_ld.push_back(r);
+    down_ld.push_back(I);
+  }
+  for (size_t l = 0; l < ranks.size(); ++l) {
+    up_p.push_back(ups[l].data());
+    down_p.push_back(downs[l].data());
+  }
+  LoraMergeParams p{w.data(), O, I, I, static_cast<int64_t>(ranks.size()), up_p.data(), up_ld.data(),
+                    down_p.data(), down_ld.data(), ranks.data(), scales.data()};
+  lora_merge(p);
+  char name[128];
+  std::snprintf(name, sizeof name, "lora_merge O%lld I%lld loras %zu", (long long)O, (long long)I,
+                ranks.size());
+  expect_close(name, w, ref, 5e-5);
+}
+
+int main() {
+  test_group_norm(2, 64, 63, 32, false, false, false);
+  test_group_norm(2, 64, 63, 32, true, true, true);
+  test_group_norm(1, 96, 1, 32, false, true, false);
+  test_group_norm(1, 320, 64, 32, true, false, true);
+  test_attention(1, 2, 70, 77, 40, 0);
+  test_attention(2, 1, 33, 154, 80, 0);
+  test_attention(1, 1, 65, 300, 64, 64);
+  test_attention(1, 1, 17, 600, 160, 0);
+  test_lora(45, 77, {1});
+  test_lora(64, 321, {4, 7});
+  test_lora(33, 9 * 20, {128});
+  std::printf("%d failure(s)\n", g_failures);
+  return g_failures == 0 ? 0 : 1;
+}

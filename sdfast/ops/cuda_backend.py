@@ -1,0 +1,186 @@
+"""CUDA backend for sdfast's fused ops: the torch-free kernels of `sdfast._C_cuda` (csrc/cuda/).
+
+This module is the boundary: it checks arguments, turns tensors into pointers, sizes, strides,
+a dtype tag and the current stream, and calls the extension. Importing it never imports
+`_C_cuda`; `available()` checks it cheaply.
+"""
+import functools
+import importlib
+
+import torch
+
+DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+MAX_HEAD_DIM = 160  # csrc/cuda/kernels.h kMaxHeadDim
+
+
+@functools.lru_cache(maxsize=1)
+def _ext():
+    return importlib.import_module("sdfast._C_cuda")
+
+
+def available():
+    """True when sdfast._C_cuda loads and a CUDA device is present."""
+    try:
+        if not torch.cuda.is_available():
+            return False
+        _ext()
+        return True
+    except Exception:
+        return False
+
+
+def unavailable_reason():
+    """Why `available()` is False (for the registry's messages)."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        _ext()
+    except Exception as err:
+        return f"sdfast._C_cuda does not load ({type(err).__name__}: {err}); build with nvcc present"
+    return "available"
+
+
+def _check_tensor(name, t):
+    if not t.is_cuda:
+        return f"{name} is on {t.device}, not CUDA"
+    if t.dtype not in DTYPE_TAGS:
+        return f"{name} dtype {t.dtype} is not fp32/fp16/bf16"
+    return None
+
+
+def _spatial_stride(x):
+    """The element stride of x's flattened spatial axis, or None if it does not flatten."""
+    if x.dim() == 3:
+        return x.stride(2)
+    h, w = x.shape[2], x.shape[3]
+    if h == 1:
+        return x.stride(3)
+    if w == 1:
+        return x.stride(2)
+    return x.stride(3) if x.stride(2) == w * x.stride(3) else None
+
+
+def supports_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, silu=False, add=None):
+    """True, or the reason the CUDA GroupNorm cannot take these arguments."""
+    if not available():
+        return "sdfast._C_cuda is not built or no CUDA device is present"
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("add", add)):
+        if t is not None and (reason := _check_tensor(name, t)):
+            return reason
+        if t is not None and t.dtype != x.dtype:
+            return f"{name} dtype {t.dtype} differs from x dtype {x.dtype}"
+    if x.dim() not in (3, 4):
+        return f"x must be [B, C, H, W] or [B, C, N], got {x.dim()}-d"
+    if x.shape[1] % num_groups:
+        return f"channels {x.shape[1]} not divisible by {num_groups} groups"
+    if add is not None and (tuple(add.shape[:2]) != tuple(x.shape[:2])
+                            or add.numel() != x.shape[0] * x.shape[1]):
+        return f"add must be [B, C] = {tuple(x.shape[:2])}, got {tuple(add.shape)}"
+    return True
+
+
+def supports_attention(q, k, v):
+    """True, or the reason the CUDA attention cannot take these arguments."""
+    if not available():
+        return "sdfast._C_cuda is not built or no CUDA device is present"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if reason := _check_tensor(name, t):
+            return reason
+    if not (q.dtype == k.dtype == v.dtype):
+        return "q, k, v must share a dtype"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return "q, k, v must be 4-d [B, heads, N, D]"
+    if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        return f"shape mismatch: q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}"
+    if q.shape[3] > MAX_HEAD_DIM:
+        return f"head dim {q.shape[3]} > {MAX_HEAD_DIM}"
+    if k.shape[2] == 0:
+        return "no keys"
+    return True
+
+
+def supports_lora_merge(weight, ups, downs, scales):
+    """True, or the reason the CUDA LoRA merge cannot take these arguments."""
+    if not available():
+        return "sdfast._C_cuda is not built or no CUDA device is present"
+    if reason := _check_tensor("weight", weight):
+        return reason
+    if not (len(ups) == len(downs) == len(scales)):
+        return "ups, downs and scales differ in length"
+    if weight.dim() not in (2, 4) or not weight.is_contiguous():
+        return "weight must be a contiguous [O, I] or [O, I, kh, kw] tensor"
+    if weight.shape[0] > 65535:
+        return "more than 65535 output rows"
+    O, I = weight.shape[0], weight[0].numel()
+    for up, down in zip(ups, downs):
+        if up.device != weight.device or down.device != weight.device:
+            return "LoRA tensors must be on the weight's device"
+        if up.shape[0] != O or up[0].numel() != down.shape[0] or down[0].numel() != I:
+            return f"LoRA up {tuple(up.shape)} / down {tuple(down.shape)} do not fit weight {tuple(weight.shape)}"
+    return True
+
+
+def _stream(t):
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _require(ok):
+    if ok is not True:
+        raise ValueError(f"cuda backend: {ok}")
+
+
+def group_norm(x, num_groups, weight, bias, eps=1e-5, silu=False, add=None):
+    _require(supports_group_norm(x, num_groups, weight, bias, eps, silu, add))
+    B, C = x.shape[:2]
+    if _spatial_stride(x) is None:
+        x = x.contiguous()
+    y = torch.empty_like(x)
+    if y.stride() != x.stride():
+        x = x.contiguous()
+        y = torch.empty_like(x)
+    weight = torch.ones(C, device=x.device, dtype=x.dtype) if weight is None else weight.contiguous()
+    bias = torch.zeros(C, device=x.device, dtype=x.dtype) if bias is None else bias.contiguous()
+    add2 = add.reshape(B, C) if add is not None else None
+    with torch.cuda.device(x.device):
+        _ext().group_norm(
+            x.data_ptr(), y.data_ptr(), weight.data_ptr(), bias.data_ptr(),
+            add2.data_ptr() if add2 is not None else 0, B, C, x[0, 0].numel(), num_groups,
+            x.stride(0), x.stride(1), _spatial_stride(x),
+            add2.stride(0) if add2 is not None else 0, add2.stride(1) if add2 is not None else 0,
+            float(eps), add2 is not None, bool(silu), DTYPE_TAGS[x.dtype], _stream(x))
+    return y
+
+
+def attention(q, k, v):
+    _require(supports_attention(q, k, v))
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    B, H, N, D = q.shape
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    with torch.cuda.device(q.device):
+        _ext().attention(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), B, H, N, k.shape[2], D,
+            list(q.stride()[:3]), list(k.stride()[:3]), list(v.stride()[:3]), list(o.stride()[:3]),
+            DTYPE_TAGS[q.dtype], _stream(q))
+    return o
+
+
+def lora_merge_(weight, ups, downs, scales):
+    ups, downs, scales = list(ups), list(downs), list(scales)
+    _require(supports_lora_merge(weight, ups, downs, scales))
+    if not ups:
+        return weight
+    O = weight.shape[0]
+    U = torch.cat([u.reshape(O, -1).float() for u in ups], dim=1).contiguous()    # [O, R]
+    DN = torch.cat([d.reshape(d.shape[0], -1).float() for d in downs], dim=0)    # [R, I]
+    scale = torch.cat([torch.full((u.reshape(O, -1).shape[1],), float(s), dtype=torch.float32)
+                       for u, s in zip(ups, scales)]).to(weight.device)
+    w2 = weight.view(O, -1)
+    with torch.cuda.device(weight.device):
+        _ext().lora_merge(w2.data_ptr(), U.data_ptr(), DN.data_ptr(), scale.data_ptr(),
+                          O, w2.shape[1], U.shape[1], w2.stride(0), DTYPE_TAGS[weight.dtype],
+                          _stream(weight))
+    return weight
+
+
+__all__ = ["available", "unavailable_reason", "group_norm", "attention", "lora_merge_", "supports_group_norm",
+           "supports_attention", "supports_lora_merge"]

@@ -1,0 +1,126 @@
+"""sdfast's ops as torch.library custom ops, so torch.compile and CUDA graphs see one opaque
+node per op (with a fake implementation for tracing) instead of a Python registry.
+
+    torch.ops.sdfast.group_norm(x, num_groups, weight, bias, eps, silu, add, backend) -> Tensor
+    torch.ops.sdfast.attention(q, k, v, backend) -> Tensor
+    torch.ops.sdfast.lora_merge(weight, ups, downs, scales, backend) -> None   (mutates weight)
+
+`backend` is a name, or "" for the registry's choice; the choice (forcing included) is made
+when the op runs, on the real tensors. Output layouts are fixed here, whatever the backend
+returns: group_norm's output has x's layout (`empty_like`), attention's is [B, N, H, D] memory
+viewed as [B, H, N, D]. Gradients flow through the reference (recomputed in backward), so a
+fused forward never changes what training computes.
+"""
+import torch
+
+from . import registry
+from .reference import attention_ref, group_norm_ref
+
+
+def _same_layout(out, like):
+    return all(s1 == s2 for n, s1, s2 in zip(out.shape, out.stride(), like.stride()) if n > 1)
+
+
+def _in_layout(out, like):
+    """`out` with `like`'s strides (copied only when they differ)."""
+    if out.shape == like.shape and _same_layout(out, like):
+        return out
+    return like.copy_(out)
+
+
+def _attention_out(q, v):
+    b, h, n, _ = q.shape
+    return q.new_empty(b, n, h, v.shape[-1]).transpose(1, 2)  # [B, N, H, Dv] -> [B, H, N, Dv]
+
+
+# --- group_norm ----------------------------------------------------------------------------
+
+@torch.library.custom_op("sdfast::group_norm", mutates_args=())
+def group_norm_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
+                  bias: torch.Tensor | None, eps: float, silu: bool, add: torch.Tensor | None,
+                  backend: str) -> torch.Tensor:
+    args = (x, num_groups, weight, bias, eps, silu, add)
+    _, fn = registry.select("group_norm", args, backend or None)
+    out = fn(*args)
+    if out.data_ptr() == x.data_ptr():  # a custom op's output may not alias an input
+        out = out.clone()
+    return _in_layout(out, torch.empty_like(x))
+
+
+@group_norm_op.register_fake
+def _(x, num_groups, weight, bias, eps, silu, add, backend):
+    return torch.empty_like(x)
+
+
+def _group_norm_setup(ctx, inputs, output):
+    x, num_groups, weight, bias, eps, silu, add, _ = inputs
+    ctx.save_for_backward(x, weight, bias, add)
+    ctx.num_groups, ctx.eps, ctx.silu = num_groups, eps, silu
+
+
+def _group_norm_backward(ctx, grad):
+    x, weight, bias, add = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    leaves = [None if t is None else t.detach().requires_grad_(bool(n))
+              for t, n in ((x, needs[0]), (weight, needs[2]), (bias, needs[3]), (add, needs[6]))]
+    with torch.enable_grad():
+        out = group_norm_ref(leaves[0], ctx.num_groups, leaves[1], leaves[2], ctx.eps, ctx.silu,
+                             leaves[3])
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
+    gx, gw, gb, ga = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+    return gx, None, gw, gb, None, None, ga, None
+
+
+torch.library.register_autograd("sdfast::group_norm", _group_norm_backward,
+                                setup_context=_group_norm_setup)
+
+
+# --- attention -----------------------------------------------------------------------------
+
+@torch.library.custom_op("sdfast::attention", mutates_args=())
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+    _, fn = registry.select("attention", (q, k, v), backend or None)
+    out = fn(q, k, v)
+    if out.data_ptr() in (q.data_ptr(), k.data_ptr(), v.data_ptr()):
+        out = out.clone()
+    return _in_layout(out, _attention_out(q, v))
+
+
+@attention_op.register_fake
+def _(q, k, v, backend):
+    return _attention_out(q, v)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, _ = inputs
+    ctx.save_for_backward(q, k, v)
+
+
+def _attention_backward(ctx, grad):
+    leaves = [t.detach().requires_grad_(bool(n)) for t, n in zip(ctx.saved_tensors, ctx.needs_input_grad)]
+    with torch.enable_grad():
+        out = attention_ref(*leaves)
+        wanted = [t for t in leaves if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
+    gq, gk, gv = [next(grads) if t.requires_grad else None for t in leaves]
+    return gq, gk, gv, None
+
+
+torch.library.register_autograd("sdfast::attention", _attention_backward,
+                                setup_context=_attention_setup)
+
+
+# --- lora_merge ----------------------------------------------------------------------------
+
+@torch.library.custom_op("sdfast::lora_merge", mutates_args=("weight",))
+def lora_merge_op(weight: torch.Tensor, ups: list[torch.Tensor], downs: list[torch.Tensor],
+                  scales: list[float], backend: str) -> None:
+    args = (weight, list(ups), list(downs), list(scales))
+    _, fn = registry.select("lora_merge", args, backend or None)
+    fn(*args)
+
+
+@lora_merge_op.register_fake
+def _(weight, ups, downs, scales, backend):
+    return None

@@ -1,0 +1,131 @@
+"""Triton backend for sdfast's fused ops (kernels in `sdfast.kernels` / `kernels/`).
+
+Runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 (the Triton interpreter: slow,
+for tests). Importing this module never imports Triton; `available()` checks it cheaply.
+"""
+import importlib.util
+import os
+
+import torch
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HEAD_DIMS_MAX = 256
+GROUP_CHANNELS_MAX = 1024
+
+
+def _interpret():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available():
+    """True when Triton is importable and can run here (a CUDA device, or the interpreter)."""
+    try:
+        if importlib.util.find_spec("triton") is None:
+            return False
+        return _interpret() or torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def unavailable_reason():
+    """Why `available()` is False (for the registry's messages)."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install triton)"
+    if not (_interpret() or torch.cuda.is_available()):
+        return "no CUDA device, and TRITON_INTERPRET=1 is not set for CPU tensors"
+    return "available"
+
+
+def _kernels():
+    try:
+        from sdfast.kernels import attention, group_norm, lora_merge
+    except ImportError:  # source checkout: kernels/ is a top-level folder beside sdfast/
+        from kernels import attention, group_norm, lora_merge
+    return group_norm, attention, lora_merge
+
+
+def _check_tensor(name, t):
+    """None when `t` can go to a Triton kernel, else the reason."""
+    if t.dtype not in DTYPES:
+        return f"{name} dtype {t.dtype} is not fp32/fp16/bf16"
+    if t.is_cuda:
+        return None
+    if t.device.type == "cpu" and _interpret():
+        return None
+    return f"{name} is on {t.device}; Triton needs CUDA (or TRITON_INTERPRET=1 for CPU tensors)"
+
+
+def supports_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, silu=False, add=None):
+    """True, or the reason the Triton GroupNorm cannot take these arguments."""
+    if not available():
+        return "Triton is not installed or has no CUDA device / interpreter"
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("add", add)):
+        if t is not None and (reason := _check_tensor(name, t)):
+            return reason
+    if x.dim() not in (3, 4):
+        return f"x must be [B, C, H, W] or [B, C, N], got {x.dim()}-d"
+    if x.shape[1] % num_groups:
+        return f"channels {x.shape[1]} not divisible by {num_groups} groups"
+    if x.shape[1] // num_groups > GROUP_CHANNELS_MAX:
+        return f"more than {GROUP_CHANNELS_MAX} channels per group"
+    if add is not None and (tuple(add.shape[:2]) != tuple(x.shape[:2])
+                            or add.numel() != x.shape[0] * x.shape[1]):
+        return f"add must be [B, C] = {tuple(x.shape[:2])}, got {tuple(add.shape)}"
+    return True
+
+
+def supports_attention(q, k, v):
+    """True, or the reason the Triton attention cannot take these arguments."""
+    if not available():
+        return "Triton is not installed or has no CUDA device / interpreter"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if reason := _check_tensor(name, t):
+            return reason
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return "q, k, v must be 4-d [B, heads, N, D]"
+    if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        return f"shape mismatch: q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}"
+    if not (q.dtype == k.dtype == v.dtype):
+        return "q, k, v must share a dtype"
+    if q.shape[3] > HEAD_DIMS_MAX:
+        return f"head dim {q.shape[3]} > {HEAD_DIMS_MAX}"
+    if k.shape[2] == 0:
+        return "no keys"
+    return True
+
+
+def supports_lora_merge(weight, ups, downs, scales):
+    """True, or the reason the Triton LoRA merge cannot take these arguments."""
+    if not available():
+        return "Triton is not installed or has no CUDA device / interpreter"
+    if reason := _check_tensor("weight", weight):
+        return reason
+    if not (len(ups) == len(downs) == len(scales)):
+        return "ups, downs and scales differ in length"
+    if weight.dim() not in (2, 4) or not weight.is_contiguous():
+        return "weight must be a contiguous [O, I] or [O, I, kh, kw] tensor"
+    O, I = weight.shape[0], weight[0].numel()
+    for up, down in zip(ups, downs):
+        if up.device != weight.device or down.device != weight.device:
+            return "LoRA tensors must be on the weight's device"
+        if up.dtype not in DTYPES or down.dtype not in DTYPES:
+            return "LoRA tensors must be fp32/fp16/bf16"
+        if up.shape[0] != O or up[0].numel() != down.shape[0] or down[0].numel() != I:
+            return f"LoRA up {tuple(up.shape)} / down {tuple(down.shape)} do not fit weight {tuple(weight.shape)}"
+    return True
+
+
+def group_norm(x, num_groups, weight, bias, eps=1e-5, silu=False, add=None):
+    return _kernels()[0].group_norm(x, num_groups, weight, bias, eps=eps, silu=silu, add=add)
+
+
+def attention(q, k, v):
+    return _kernels()[1].attention(q, k, v)
+
+
+def lora_merge_(weight, ups, downs, scales):
+    return _kernels()[2].lora_merge_(weight, list(ups), list(downs), list(scales))
+
+
+__all__ = ["available", "unavailable_reason", "group_norm", "attention", "lora_merge_", "supports_group_norm",
+           "supports_attention", "supports_lora_merge"]
