@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 .PHONY: install install-test demo test test-fast clean
 
-$(STAMP): setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu)
+$(STAMP): setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh csrc/*/CMakeLists.txt)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH) setuptools wheel pybind11
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-build-isolation -e .

@@ -35,7 +35,9 @@ class CMakeBuild(build_ext):
                                "(or set SDFAST_NO_EXT=1 to use the torch reference only)")
         import pybind11
 
-        build_dir = Path(self.build_temp) / "cmake"
+        # A fixed build dir (ignored by git): rebuilds are incremental and the C++ tests stay
+        # where tests/test_ops_cpu.py runs them with ctest.
+        build_dir = ROOT / "build" / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
         out_dir = Path(self.get_ext_fullpath(self.extensions[0].name)).resolve().parent
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -76,6 +78,7 @@ setup(
             "accelerate",
             "scipy",
             "torchsde",
+            "triton>=3.9; platform_system == 'Linux'",
         ],
     },
     ext_modules=[CMakeExtension("sdfast._C")],

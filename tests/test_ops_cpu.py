@@ -159,6 +159,7 @@ def _cmake_build_dir():
 
     cands = [os.environ.get("SDFAST_CMAKE_BUILD_DIR", "")]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cands += [os.path.join(root, "build", "cmake")]
     cands += sorted(glob.glob(os.path.join(root, "build", "temp*", "cmake")))
     for d in cands:
         if d and os.path.exists(os.path.join(d, "CTestTestfile.cmake")):
