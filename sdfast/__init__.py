@@ -7,7 +7,8 @@
 from .errors import CheckpointError, SdfastError
 
 __version__ = "0.1.0"
-__all__ = ["load", "Pipeline", "SdfastError", "CheckpointError", "__version__"]
+__all__ = ["load", "load_controlnet", "Control", "Pipeline", "SdfastError", "CheckpointError",
+           "__version__"]
 
 
 def _default_device(device):
@@ -40,8 +41,19 @@ def load(path=None, device=None, dtype=None, prediction=None):
                     source=parts.source, metadata=parts.metadata)
 
 
+def load_controlnet(path, device=None, dtype=None):
+    """Load a ControlNet (original `control_model.*` .pth/.safetensors, or a diffusers
+    ControlNetModel folder/file) for `generate(control=[sdfast.Control(net, image)])`."""
+    from .addons.controlnet import load_controlnet as _load
+
+    return _load(path, device=device, dtype=dtype)
+
+
 def __getattr__(name):
     if name == "Pipeline":
         from .pipeline import Pipeline
         return Pipeline
+    if name == "Control":
+        from .addons.controlnet import Control
+        return Control
     raise AttributeError(f"module 'sdfast' has no attribute {name!r}")

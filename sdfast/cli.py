@@ -56,6 +56,10 @@ def _add_generate(sub):
     p.add_argument("--mask", help="inpainting mask (white = repaint)")
     p.add_argument("--clip-skip", type=_positive_int, default=1)
     p.add_argument("--weighting", default="a1111", help="prompt weighting: a1111 or comfy")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH[:CLIP]]",
+                   help="merge a LoRA file (repeatable); strengths for the UNet, then the text "
+                   "encoder (default: the UNet's)")
+    p.add_argument("--lora-dir", help="folder where <lora:name:strength> prompt tags are found")
     p.add_argument("--device", default=None)
     p.add_argument("-o", "--output", default="out.png", help="output PNG (numbered if taken)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
@@ -87,7 +91,13 @@ def _generate(args):
     args.model = resolve_model(args.model)
     _check_readable(args.init_image, "file")
     _check_readable(args.mask, "file")
+    loras = [_lora_arg(text) for text in args.lora]
+    if args.lora_dir is not None and not os.path.isdir(args.lora_dir):
+        raise SdfastError(f"{args.lora_dir}: no such LoRA folder")
     pipe = load(args.model, device=args.device)
+    for path, strength, strength_clip in loras:
+        pipe.load_lora(path, strength, strength_clip)
+    pipe.lora_dir = args.lora_dir
     args.width = args.width or pipe.native_size[0]
     args.height = args.height or pipe.native_size[1]
     images = pipe.generate(
@@ -109,6 +119,26 @@ def _generate(args):
         save_png(image, path, params, overwrite=args.overwrite)
         print(path)
     return 0
+
+
+def _lora_arg(text):
+    """`PATH[:STRENGTH[:CLIP]]` -> `(path, strength, strength_clip)`; the path is checked."""
+    path, strengths = text, []
+    while True:
+        head, sep, tail = path.rpartition(":")
+        if not sep or os.path.exists(path):
+            break
+        try:
+            strengths.insert(0, float(tail))
+        except ValueError:
+            break
+        path = head
+    if not os.path.isfile(path):
+        raise SdfastError(f"{path}: no such LoRA file")
+    if len(strengths) > 2:
+        raise SdfastError(f"--lora {text}: at most two strengths (UNet, text encoder)")
+    strength = strengths[0] if strengths else 1.0
+    return path, strength, strengths[1] if len(strengths) > 1 else None
 
 
 def _info(args):

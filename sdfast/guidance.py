@@ -7,18 +7,29 @@ import torch
 
 class UNetCall:
     """Calls the UNet in its own dtype and returns float32. For 9-channel inpainting models,
-    `concat` (`[B, 5, h, w]`: mask, masked-image latent) is appended to the input channels."""
+    `concat` (`[B, 5, h, w]`: mask, masked-image latent) is appended to the input channels.
+    `controls` (`sdfast.addons.controlnet.ActiveControl`s) add ControlNet residuals."""
 
-    def __init__(self, unet, dtype, concat=None):
+    def __init__(self, unet, dtype, concat=None, controls=()):
         self.unet = unet
         self.dtype = dtype
         self.concat = concat
+        self.controls = list(controls)
 
     def __call__(self, x, timesteps, context, **kwargs):
+        x = x.to(self.dtype)
+        context = context.to(self.dtype)
+        control = None
+        for active in self.controls:
+            residuals = active.residuals(x, timesteps, context)
+            if residuals is not None:
+                control = residuals if control is None else [a + b for a, b in zip(control, residuals)]
         if self.concat is not None:
             repeat = x.shape[0] // self.concat.shape[0]              # CFG doubles the batch
             x = torch.cat([x, self.concat.repeat(repeat, 1, 1, 1).to(x.dtype)], dim=1)
-        out = self.unet(x.to(self.dtype), timesteps, context=context.to(self.dtype), **kwargs)
+        if control is not None:
+            kwargs["control"] = control
+        out = self.unet(x, timesteps, context=context, **kwargs)
         return out.float()
 
 

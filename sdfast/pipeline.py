@@ -32,6 +32,12 @@ class Pipeline:
         self.tokenizer = text.get_tokenizer(pad_id=0 if info.family == "sd2" else None)
         self._info = info
         self._model_hash = None
+        self.lora_dir = None            # where `<lora:name>` prompt tags are looked up
+        self._lora_stack = None
+        self._lora_files = {}           # path -> (mtime, size, parsed LoraFile): tag cache
+        self.embeddings_dir = None      # textual-inversion files loaded when a prompt names them
+        self._embeddings = {}           # name -> sdfast.addons.embeddings.Embedding
+        self._dir_embeddings = {}       # path -> Embedding read from embeddings_dir
 
     # ----------------------------------------------------------------------------- facts
     @property
@@ -52,9 +58,79 @@ class Pipeline:
 
     # ----------------------------------------------------------------------------- text
     def _encode_ids(self, clip_skip):
-        def encode(ids):                                   # [n, 77] -> [n, 77, C]
-            return self.text_encoder(ids.to(self.device), clip_skip=clip_skip)
+        def encode(ids, fixes=None):                       # [n, 77] -> [n, 77, C]
+            ids = ids.to(self.device)
+            if not fixes or not any(fixes):
+                return self.text_encoder(ids, clip_skip=clip_skip)
+            embeds = self.text_encoder.token_embedding(ids)                  # [n, 77, C]
+            embeds = embeds.clone()
+            for row, placements in enumerate(fixes):
+                for offset, vector in placements:    # offset counts from the first content token
+                    embeds[row, 1 + offset:1 + offset + vector.shape[0]] = vector.to(embeds)
+            return self.text_encoder(inputs_embeds=embeds, clip_skip=clip_skip)
         return encode
+
+    # ----------------------------------------------------------------------------- embeddings
+    @property
+    def embeddings(self):
+        """Loaded textual-inversion embeddings: `{name: {"path", "vectors", "width"}}`."""
+        return {name: {"path": e.path, "vectors": e.vectors.shape[0], "width": e.vectors.shape[1]}
+                for name, e in self._embeddings.items()}
+
+    def _text_width(self):
+        return self.text_encoder.token_embedding.weight.shape[1]
+
+    def _check_width(self, embedding):
+        width = self._text_width()
+        if embedding.vectors.shape[1] != width:
+            raise SdfastError(f"{embedding.path}: the embedding is {embedding.vectors.shape[1]} "
+                              f"wide but this model's text encoder is {width} wide "
+                              "(an SD1.x embedding is 768 wide, SD2.x 1024)")
+
+    def load_embedding(self, path, token=None):
+        """Load a textual-inversion embedding (A1111 .pt / .safetensors, diffusers
+        learned_embeds, SD1 or SD2, any number of vectors). It is triggered by `token` (default:
+        the file name without extension, as in A1111), by a diffusers file's own token, and by
+        `embedding:name` in ComfyUI syntax. Returns the name."""
+        from .addons.embeddings import read_embedding
+
+        embedding = read_embedding(path, token)
+        self._check_width(embedding)
+        self._embeddings[embedding.name] = embedding
+        return embedding.name
+
+    def unload_embedding(self, name):
+        if name not in self._embeddings:
+            raise SdfastError(f"no embedding named {name!r} is loaded")
+        del self._embeddings[name]
+
+    def _embedding_lookup(self, texts):
+        """The lookup for these prompt texts: loaded embeddings, plus files of
+        `embeddings_dir` whose names occur in the texts (read once, then cached)."""
+        import os
+
+        from .addons.embeddings import EMBEDDING_EXTS, EmbeddingLookup, read_embedding
+
+        found = dict(self._embeddings)
+        folder = self.embeddings_dir
+        if folder is not None:
+            if not os.path.isdir(folder):
+                raise SdfastError(f"{folder}: no such embeddings folder")
+            joined = "\n".join(texts)
+            for root, _, files in os.walk(folder):
+                for file in sorted(files):
+                    stem, ext = os.path.splitext(file)
+                    if ext.lower() not in EMBEDDING_EXTS or stem in found or stem not in joined:
+                        continue
+                    path = os.path.join(root, file)
+                    if path not in self._dir_embeddings:
+                        embedding = read_embedding(path)
+                        self._check_width(embedding)
+                        self._dir_embeddings[path] = embedding
+                    found[stem] = self._dir_embeddings[path]
+        if not found:
+            return None
+        return EmbeddingLookup(self.tokenizer, list(found.values()))
 
     @torch.no_grad()
     def encode_prompt(self, prompt, negative_prompt="", clip_skip=1, weighting="a1111"):
@@ -62,8 +138,121 @@ class Pipeline:
         _check_choice("weighting", weighting, text.WEIGHTINGS)
         if not isinstance(clip_skip, int) or clip_skip < 1:
             raise SdfastError(f"clip_skip must be an integer >= 1, got {clip_skip!r}")
+        texts = [prompt] if isinstance(prompt, str) else list(prompt)
+        texts += [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
         return text.encode_prompt(self._encode_ids(clip_skip), self.tokenizer, prompt,
-                                  negative_prompt, weighting=weighting)
+                                  negative_prompt, weighting=weighting,
+                                  embeddings=self._embedding_lookup(texts))
+
+    # ----------------------------------------------------------------------------- LoRA
+    @property
+    def loras(self):
+        """The loaded LoRAs: `{name: {"path", "strength", "strength_clip", "modules"}}`."""
+        stack = self._lora_stack
+        return {} if stack is None else {n: l.describe() for n, l in stack.loaded.items()}
+
+    def _stack(self):
+        if self._lora_stack is None:
+            from .addons.lora import LoraStack
+            self._lora_stack = LoraStack({"unet": self.unet, "text_encoder": self.text_encoder})
+        return self._lora_stack
+
+    def _read_lora(self, path, strict):
+        import os
+        import warnings
+
+        from .addons.lora import read_lora
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise SdfastError(f"{path}: no such LoRA file")
+        stat = os.stat(path)
+        cached = self._lora_files.get(path)
+        if cached is not None and cached[:2] == (stat.st_mtime_ns, stat.st_size):
+            lora = cached[2]
+        else:
+            lora = read_lora(path, self.unet, self.text_encoder)
+            if not lora.modules:
+                raise SdfastError(f"{path}: no LoRA module matches a layer of this model")
+            self._lora_files[path] = (stat.st_mtime_ns, stat.st_size, lora)
+        if lora.unmatched:
+            shown = ", ".join(lora.unmatched[:5])
+            message = (f"{path}: {len(lora.unmatched)} LoRA key(s) match no layer of this model "
+                       f"(first: {shown})")
+            if strict:
+                raise SdfastError(message)
+            warnings.warn(message, stacklevel=3)
+        return lora
+
+    def load_lora(self, path, strength=1.0, strength_clip=None, name=None, strict=False):
+        """Merge a LoRA (kohya/A1111, diffusers/PEFT, LoCon, LoHa, LoKr) into the weights.
+        `strength` scales the UNet part, `strength_clip` the text encoder's (default: the same).
+        Keys that match no layer are a warning, an error with `strict=True`. Returns the name
+        (default: the file name without extension)."""
+        import os
+
+        from .addons.lora import Loaded
+
+        name = name or os.path.splitext(os.path.basename(os.fspath(path)))[0]
+        if name in self.loras:
+            raise SdfastError(f"a LoRA named {name!r} is already loaded (unload it, or pass name=)")
+        strength, strength_clip = _strengths(strength, strength_clip)
+        lora = self._read_lora(path, strict)
+        self._stack().add(Loaded(name, os.fspath(path), strength, strength_clip, lora))
+        return name
+
+    def set_lora_strength(self, name, strength, strength_clip=None):
+        """Change a loaded LoRA's strengths (exact: recomputed from the original weights)."""
+        self._check_loaded(name)
+        self._stack().set_strength(name, *_strengths(strength, strength_clip))
+
+    def unload_lora(self, name):
+        """Remove a LoRA; weights no other LoRA touches get their original tensors back."""
+        self._check_loaded(name)
+        self._stack().remove(name)
+
+    def _check_loaded(self, name):
+        if name not in self.loras:
+            loaded = ", ".join(self.loras) or "none"
+            raise SdfastError(f"no LoRA named {name!r} is loaded (loaded: {loaded})")
+
+    def _prompt_loras(self, prompt, negative_prompt, lora_dir):
+        """Strip `<lora:...>` tags from the prompt(s); returns `(prompt, negative, tags)`. All
+        prompts of a batch must name the same LoRAs (they share the weights)."""
+        from .addons.tags import extract_lora_tags
+
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        stripped, tag_sets = [], []
+        for p in prompts:
+            text_, tags = extract_lora_tags(p)
+            stripped.append(text_)
+            tag_sets.append(tags)
+        if any(tags != tag_sets[0] for tags in tag_sets):
+            raise SdfastError("every prompt of a batch must carry the same <lora:...> tags "
+                              "(the LoRAs are merged into weights the batch shares)")
+        prompt = stripped[0] if isinstance(prompt, str) else stripped
+        return prompt, negative_prompt, tag_sets[0]
+
+    def _apply_tags(self, tags, lora_dir):
+        """Merge the tagged LoRAs for one call; returns the names to unload afterwards."""
+        from .addons.lora import Loaded
+        from .addons.tags import find_lora
+
+        names = []
+        try:
+            for index, tag in enumerate(tags):
+                path = find_lora(tag.name, lora_dir if lora_dir is not None else self.lora_dir)
+                name = f"<lora:{tag.name}>#{index}"
+                self._stack().add(Loaded(name, path, tag.unet, tag.te, self._read_lora(path, False)))
+                names.append(name)
+        except BaseException:
+            self._unapply_tags(names)
+            raise
+        return names
+
+    def _unapply_tags(self, names):
+        for name in reversed(names):
+            self._stack().remove(name)
 
     # ----------------------------------------------------------------------------- images
     @torch.no_grad()
@@ -108,7 +297,7 @@ class Pipeline:
     def generate(self, prompt, negative_prompt="", *, width=None, height=None, steps=20, cfg=7.0,
                  sampler="euler", scheduler="normal", seed=0, batch_size=1, init_image=None,
                  strength=0.75, mask=None, clip_skip=1, weighting="a1111", noise=None,
-                 output="pil", progress=True):
+                 output="pil", progress=True, lora_dir=None, control=None):
         """Generate images. Returns a list of PIL images (`output="pil"`), the final latents
         before the VAE scale is undone (`"latent"`), or `[B, 3, H, W]` in 0..1 (`"tensor"`).
 
@@ -116,7 +305,26 @@ class Pipeline:
         a list with one seed per image: image i then gets exactly the noise that a batch of one
         with seed[i] gets (A1111-style per-image seeds); one int seeds the whole batch's noise
         as ComfyUI does. `width`/`height` default to `native_size`.
+
+        `control`: one `sdfast.Control(controlnet, image, strength=1.0, start=0.0, end=1.0)` or
+        a list of them (ControlNets from `sdfast.load_controlnet`; their residuals add up).
+
+        `<lora:name:strength>` tags (A1111 syntax, see `sdfast.addons.tags`) load `name` from
+        `lora_dir` (default `self.lora_dir`) for this call only; they are removed from the text.
         """
+        prompt, negative_prompt, tags = self._prompt_loras(prompt, negative_prompt, lora_dir)
+        names = self._apply_tags(tags, lora_dir) if tags else []
+        try:
+            return self._generate(prompt, negative_prompt, width, height, steps, cfg, sampler,
+                                  scheduler, seed, batch_size, init_image, strength, mask,
+                                  clip_skip, weighting, noise, output, progress, control)
+        finally:
+            if names:
+                self._unapply_tags(names)
+
+    def _generate(self, prompt, negative_prompt, width, height, steps, cfg, sampler, scheduler,
+                  seed, batch_size, init_image, strength, mask, clip_skip, weighting, noise,
+                  output, progress, control=None):
         if init_image is None:
             strength = 1.0
         width = self.native_size[0] if width is None else width
@@ -125,6 +333,8 @@ class Pipeline:
         sample_fn = check_request(width, height, steps, sampler, scheduler, batch_size,
                                    strength, output, mask, init_image)
         shape = (batch_size, 4, height // 8, width // 8)
+        from .addons.controlnet import prepare_controls
+        controls = prepare_controls(control, self.unet, width, height, self.device, self.dtype)
         cond, uncond = self.encode_prompt(prompt, negative_prompt, clip_skip, weighting)
         noise = self._noise(noise, seed, shape)
         sigmas = self._sigmas(scheduler, steps, strength).to(self.device)
@@ -139,7 +349,8 @@ class Pipeline:
         if self._info.inpaint:
             concat = self._inpaint_channels(init_image, pixel_mask, shape)
         denoiser = CFGDenoiser(
-            sampling.make_denoiser(UNetCall(self.unet, self.dtype, concat), self.model_sampling),
+            sampling.make_denoiser(UNetCall(self.unet, self.dtype, concat, controls),
+                                   self.model_sampling),
             cond.to(self.device).float().expand(batch_size, -1, -1),
             uncond.to(self.device).float().expand(batch_size, -1, -1), float(cfg))
         if pixel_mask is not None and not self._info.inpaint:
@@ -194,6 +405,16 @@ def _batch_size(prompt, seed, batch_size):
     if len(sizes) > 1:
         raise SdfastError(f"batch size, prompt list and seed list disagree: {sorted(sizes)}")
     return sizes.pop() if sizes else 1
+
+
+def _strengths(strength, strength_clip):
+    """`(unet, text encoder)` strengths as floats; the text encoder's defaults to the UNet's."""
+    try:
+        strength = float(strength)
+        strength_clip = strength if strength_clip is None else float(strength_clip)
+    except (TypeError, ValueError):
+        raise SdfastError(f"LoRA strengths must be numbers, got {strength!r}, {strength_clip!r}") from None
+    return strength, strength_clip
 
 
 def _check_choice(what, value, valid):

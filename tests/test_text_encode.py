@@ -108,9 +108,11 @@ def test_comma_as_76th_token_is_not_backtracked(tok):
                                                    [tok.comma_id] + ids_of(tok, "dog")]
 
 
-def test_embeddings_hook_not_implemented(tok):
-    with pytest.raises(NotImplementedError):
-        tokenize_prompt(tok, "a cat", embeddings={"foo": torch.zeros(2, 8)})
+def test_embeddings_take_their_names_places(tok):
+    # (the full behaviour is in test_embeddings.py)
+    chunk, = tokenize_prompt(tok, "a foo cat", embeddings={"foo": torch.zeros(2, 8)})
+    assert chunk.ids[1:5] == ids_of(tok, "a") + [0, 0] + ids_of(tok, "cat")
+    assert [offset for offset, _ in chunk.fixes] == [1, 2]
 
 
 # ---------------------------------------------------------------------------- ComfyUI chunking

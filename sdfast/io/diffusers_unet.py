@@ -184,4 +184,28 @@ def _as_conv1x1(weight):
     return weight[:, :, None, None] if weight.ndim == 2 else weight
 
 
-__all__ = ["unet_diffusers_to_ldm", "vae_diffusers_to_ldm"]
+
+
+def _controlnet_rules(nrb):
+    """diffusers `ControlNetModel` names that are not UNet names -> cldm names."""
+    hint = {"conv_in": 0, **{f"blocks.{i}": 2 * i + 2 for i in range(6)}, "conv_out": 14}
+    return _rules([
+        (r"controlnet_cond_embedding\.(conv_in|blocks\.\d+|conv_out)\.(weight|bias)",
+         lambda m: f"input_hint_block.{hint[m[1]]}.{m[2]}" if m[1] in hint else None),
+        (r"controlnet_down_blocks\.(\d+)\.(weight|bias)", lambda m: f"zero_convs.{m[1]}.0.{m[2]}"),
+        (r"controlnet_mid_block\.(weight|bias)", lambda m: f"middle_block_out.0.{m[1]}"),
+    ]) + _unet_rules(nrb, set())
+
+
+def controlnet_diffusers_to_ldm(sd, config=None):
+    """Rename a diffusers `ControlNetModel` state dict to the original ControlNet's keys
+    (`cldm.ControlNet`, without the `control_model.` prefix). `config`: its config.json dict."""
+    nrb = (config or {}).get("layers_per_block")
+    if not isinstance(nrb, int):
+        nrb = len(key_indices(sd, "down_blocks.0.resnets."))
+    if nrb == 0:
+        raise ValueError("ControlNet: no 'down_blocks.0.resnets.*' keys; not a diffusers ControlNet")
+    return _rename(sd, _controlnet_rules(nrb), "ControlNet")
+
+
+__all__ = ["unet_diffusers_to_ldm", "vae_diffusers_to_ldm", "controlnet_diffusers_to_ldm"]

@@ -78,8 +78,10 @@ class UNetConfig:
         return heads, dim_head
 
     @classmethod
-    def detect_from_weights(cls, sd, num_heads=None, head_dim=None):
+    def detect_from_weights(cls, sd, num_heads=None, head_dim=None, encoder_only=False):
         """Read the config from an LDM UNet state dict (prefix `model.diffusion_model.` stripped).
+        `encoder_only`: the dict has no decoder (a ControlNet's copy of the encoder); the output
+        channels are then taken equal to the input channels.
 
         Only shapes are read, so meta tensors or lazy safetensors slices with `.shape` work.
         `num_heads` / `head_dim` override the head rule (see the class docstring).
@@ -95,7 +97,8 @@ class UNetConfig:
         num_res_blocks = downs[0] - 1 if downs else n_in - 1
         levels = len(downs) + 1
         blocks = levels * (num_res_blocks + 1)
-        if (n_in, len(key_indices(sd, "output_blocks."))) != (blocks, blocks):
+        n_out = blocks if encoder_only else len(key_indices(sd, "output_blocks."))
+        if (n_in, n_out) != (blocks, blocks):
             raise ValueError("UNets with a different number of res blocks per level are not supported")
         firsts = [1 + lv * (num_res_blocks + 1) for lv in range(levels)]
         mult = [sd[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] // model_channels for i in firsts]
@@ -104,7 +107,8 @@ class UNetConfig:
         depths = {len(key_indices(sd, p + "transformer_blocks.")) for p in prefixes}
         if len(depths) != 1:
             raise ValueError(f"UNets with per-level transformer depths {sorted(depths)} are not supported")
-        return cls(in_channels=int(in_channels), out_channels=int(sd["out.2.weight"].shape[0]),
+        out_channels = in_channels if encoder_only else sd["out.2.weight"].shape[0]
+        return cls(in_channels=int(in_channels), out_channels=int(out_channels),
                    model_channels=int(model_channels), channel_mult=tuple(mult),
                    num_res_blocks=num_res_blocks, attention_levels=tuple(attn_levels),
                    transformer_depth=depths.pop(),

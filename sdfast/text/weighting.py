@@ -30,7 +30,7 @@ EncodeFn = Callable[[torch.Tensor], torch.Tensor]
 
 def encode_prompt(encode_fn: EncodeFn, tokenizer: CLIPTokenizer, prompt: str | Sequence[str],
                   negative_prompt: str | Sequence[str] = "",
-                  weighting: str = "a1111") -> tuple[torch.Tensor, torch.Tensor]:
+                  weighting: str = "a1111", embeddings=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted text conditioning `(cond, uncond)`, each `[B, 77 * K, C]`.
 
     `encode_fn(ids: LongTensor[n, 77]) -> FloatTensor[n, 77, C]` is the text encoder with clip
@@ -38,11 +38,15 @@ def encode_prompt(encode_fn: EncodeFn, tokenizer: CLIPTokenizer, prompt: str | S
     `negative_prompt` is one string for all, or a list of the same length. Every row is padded
     with empty-chunk encodings to the longest chunk count K among prompts and negatives.
     All chunks of the call go through `encode_fn` in one batch (identical chunks once).
+
+    `embeddings` (an `EmbeddingLookup` or `{name: vectors}`) enables textual inversion; chunks
+    that hold embeddings are encoded with `encode_fn(ids, fixes)`, `fixes[i]` the
+    `(offset, vector [1, C])` list of row i (see `sdfast.text.chunks`).
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
     prompts, negatives = _as_batch(prompt, negative_prompt)
-    chunked = {t: tokenize_prompt(tokenizer, t, syntax=weighting)
+    chunked = {t: tokenize_prompt(tokenizer, t, syntax=weighting, embeddings=embeddings)
                for t in dict.fromkeys([*prompts, *negatives])}
     n_chunks = max(len(c) for c in chunked.values())
     empty = empty_chunk(tokenizer)
@@ -78,11 +82,18 @@ def _as_batch(prompt, negative_prompt) -> tuple[list[str], list[str]]:
 
 def _weighted_encodings(encode_fn: EncodeFn, chunks: list[Chunk], weighting: str) -> torch.Tensor:
     """Encode `chunks` (chunks[0] is the empty chunk) and apply their weights: `[n, 77, C]`."""
-    # Fixes (embeddings) are always empty today, so equal ids mean equal encodings.
-    rows: dict[tuple[int, ...], int] = {}
-    index = [rows.setdefault(tuple(c.ids), len(rows)) for c in chunks]
-    ids = torch.tensor(list(rows), dtype=torch.long)  # [u, 77]
-    z_unique = encode_fn(ids)                           # [u, 77, C]
+    # Equal ids and equal embedding placements (the same vectors) mean equal encodings.
+    rows: dict[tuple, int] = {}
+    fixes: list[list] = []
+    index = []
+    for c in chunks:
+        key = (tuple(c.ids), tuple((offset, id(vector)) for offset, vector in c.fixes))
+        if key not in rows:
+            rows[key] = len(rows)
+            fixes.append(list(c.fixes))
+        index.append(rows[key])
+    ids = torch.tensor([key[0] for key in rows], dtype=torch.long)  # [u, 77]
+    z_unique = encode_fn(ids, fixes) if any(fixes) else encode_fn(ids)  # [u, 77, C]
     if z_unique.dim() != 3 or z_unique.shape[:2] != ids.shape:
         raise ValueError(f"encode_fn must map ids {tuple(ids.shape)} to [n, 77, C]; "
                          f"got {tuple(z_unique.shape)}")
