@@ -9,6 +9,8 @@ import importlib
 
 import torch
 
+from .checks import attention_shapes, lora_shapes
+
 DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MAX_HEAD_DIM = 160  # csrc/cuda/kernels.h kMaxHeadDim
 
@@ -86,17 +88,7 @@ def supports_attention(q, k, v):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if reason := _check_tensor(name, t):
             return reason
-    if not (q.dtype == k.dtype == v.dtype):
-        return "q, k, v must share a dtype"
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return "q, k, v must be 4-d [B, heads, N, D]"
-    if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
-        return f"shape mismatch: q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}"
-    if q.shape[3] > MAX_HEAD_DIM:
-        return f"head dim {q.shape[3]} > {MAX_HEAD_DIM}"
-    if k.shape[2] == 0:
-        return "no keys"
-    return True
+    return attention_shapes(q, k, v, MAX_HEAD_DIM)
 
 
 def supports_lora_merge(weight, ups, downs, scales):
@@ -105,19 +97,9 @@ def supports_lora_merge(weight, ups, downs, scales):
         return "sdfast._C_cuda is not built or no CUDA device is present"
     if reason := _check_tensor("weight", weight):
         return reason
-    if not (len(ups) == len(downs) == len(scales)):
-        return "ups, downs and scales differ in length"
-    if weight.dim() not in (2, 4) or not weight.is_contiguous():
-        return "weight must be a contiguous [O, I] or [O, I, kh, kw] tensor"
-    if weight.shape[0] > 65535:
+    if weight.dim() in (2, 4) and weight.shape[0] > 65535:
         return "more than 65535 output rows"
-    O, I = weight.shape[0], weight[0].numel()
-    for up, down in zip(ups, downs):
-        if up.device != weight.device or down.device != weight.device:
-            return "LoRA tensors must be on the weight's device"
-        if up.shape[0] != O or up[0].numel() != down.shape[0] or down[0].numel() != I:
-            return f"LoRA up {tuple(up.shape)} / down {tuple(down.shape)} do not fit weight {tuple(weight.shape)}"
-    return True
+    return lora_shapes(weight, ups, downs, scales)
 
 
 def _stream(t):

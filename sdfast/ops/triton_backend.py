@@ -8,6 +8,8 @@ import os
 
 import torch
 
+from .checks import attention_shapes, lora_shapes
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HEAD_DIMS_MAX = 256
 GROUP_CHANNELS_MAX = 1024
@@ -81,17 +83,7 @@ def supports_attention(q, k, v):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if reason := _check_tensor(name, t):
             return reason
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return "q, k, v must be 4-d [B, heads, N, D]"
-    if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
-        return f"shape mismatch: q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}"
-    if not (q.dtype == k.dtype == v.dtype):
-        return "q, k, v must share a dtype"
-    if q.shape[3] > HEAD_DIMS_MAX:
-        return f"head dim {q.shape[3]} > {HEAD_DIMS_MAX}"
-    if k.shape[2] == 0:
-        return "no keys"
-    return True
+    return attention_shapes(q, k, v, HEAD_DIMS_MAX)
 
 
 def supports_lora_merge(weight, ups, downs, scales):
@@ -100,19 +92,7 @@ def supports_lora_merge(weight, ups, downs, scales):
         return "Triton is not installed or has no CUDA device / interpreter"
     if reason := _check_tensor("weight", weight):
         return reason
-    if not (len(ups) == len(downs) == len(scales)):
-        return "ups, downs and scales differ in length"
-    if weight.dim() not in (2, 4) or not weight.is_contiguous():
-        return "weight must be a contiguous [O, I] or [O, I, kh, kw] tensor"
-    O, I = weight.shape[0], weight[0].numel()
-    for up, down in zip(ups, downs):
-        if up.device != weight.device or down.device != weight.device:
-            return "LoRA tensors must be on the weight's device"
-        if up.dtype not in DTYPES or down.dtype not in DTYPES:
-            return "LoRA tensors must be fp32/fp16/bf16"
-        if up.shape[0] != O or up[0].numel() != down.shape[0] or down[0].numel() != I:
-            return f"LoRA up {tuple(up.shape)} / down {tuple(down.shape)} do not fit weight {tuple(weight.shape)}"
-    return True
+    return lora_shapes(weight, ups, downs, scales, DTYPES)
 
 
 def group_norm(x, num_groups, weight, bias, eps=1e-5, silu=False, add=None):
