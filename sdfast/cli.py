@@ -60,6 +60,17 @@ def _add_generate(sub):
                    help="merge a LoRA file (repeatable); strengths for the UNet, then the text "
                    "encoder (default: the UNet's)")
     p.add_argument("--lora-dir", help="folder where <lora:name:strength> prompt tags are found")
+    p.add_argument("--embedding", action="append", default=[], metavar="PATH",
+                   help="load a textual-inversion embedding (repeatable); its file name triggers it")
+    p.add_argument("--embeddings-dir", help="folder of embeddings, read when a prompt names them")
+    p.add_argument("--controlnet", action="append", default=[], metavar="PATH",
+                   help="a ControlNet (repeatable; each takes the --control-* options in order)")
+    p.add_argument("--control-image", action="append", default=[], metavar="IMG")
+    p.add_argument("--control-strength", action="append", type=float, default=[])
+    p.add_argument("--control-start", action="append", type=float, default=[])
+    p.add_argument("--control-end", action="append", type=float, default=[])
+    p.add_argument("--control-mode", action="append", default=[],
+                   help="balanced, prompt or controlnet")
     p.add_argument("--device", default=None)
     p.add_argument("-o", "--output", default="out.png", help="output PNG (numbered if taken)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
@@ -94,10 +105,22 @@ def _generate(args):
     loras = [_lora_arg(text) for text in args.lora]
     if args.lora_dir is not None and not os.path.isdir(args.lora_dir):
         raise SdfastError(f"{args.lora_dir}: no such LoRA folder")
+    controls = _control_groups(args)
+    for path in args.embedding:
+        _check_readable(path, "embedding file")
+    if args.embeddings_dir is not None and not os.path.isdir(args.embeddings_dir):
+        raise SdfastError(f"{args.embeddings_dir}: no such embeddings folder")
     pipe = load(args.model, device=args.device)
     for path, strength, strength_clip in loras:
         pipe.load_lora(path, strength, strength_clip)
     pipe.lora_dir = args.lora_dir
+    for path in args.embedding:
+        pipe.load_embedding(path)
+    pipe.embeddings_dir = args.embeddings_dir
+    if controls:
+        from . import Control, load_controlnet
+        controls = [Control(load_controlnet(path, device=pipe.device, dtype=pipe.dtype), **kw)
+                    for path, kw in controls]
     args.width = args.width or pipe.native_size[0]
     args.height = args.height or pipe.native_size[1]
     images = pipe.generate(
@@ -105,7 +128,7 @@ def _generate(args):
         cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, seed=args.seed,
         batch_size=args.batch, init_image=args.init_image, strength=args.strength,
         mask=args.mask, clip_skip=args.clip_skip, weighting=args.weighting,
-        progress=not args.quiet)
+        progress=not args.quiet, control=controls or None)
     paths = free_paths(args.output, len(images), overwrite=args.overwrite)
     name = os.path.splitext(os.path.basename(os.path.normpath(args.model)))[0]
     for index, (image, path) in enumerate(zip(images, paths)):
@@ -119,6 +142,38 @@ def _generate(args):
         save_png(image, path, params, overwrite=args.overwrite)
         print(path)
     return 0
+
+
+def _control_groups(args):
+    """`[(controlnet path, Control keyword arguments)]` from the --controlnet/--control-* lists:
+    one image per ControlNet; each other option given never, once (for all), or once each."""
+    nets = args.controlnet
+    if not nets:
+        given = [o for o in ("control_image", "control_strength", "control_start", "control_end",
+                             "control_mode") if getattr(args, o)]
+        if given:
+            raise SdfastError(f"--{given[0].replace('_', '-')} needs --controlnet")
+        return []
+    if len(args.control_image) != len(nets):
+        raise SdfastError(f"{len(nets)} --controlnet but {len(args.control_image)} --control-image "
+                          "(one image per ControlNet)")
+    for path in nets:
+        _check_readable(path, "ControlNet file or folder")
+    for path in args.control_image:
+        _check_readable(path, "file")
+    options = {"strength": args.control_strength, "start": args.control_start,
+               "end": args.control_end, "mode": args.control_mode}
+    groups = []
+    for index, (path, image) in enumerate(zip(nets, args.control_image)):
+        kw = {"image": image}
+        for key, values in options.items():
+            if len(values) not in (0, 1, len(nets)):
+                raise SdfastError(f"--control-{key} given {len(values)} times for {len(nets)} "
+                                  "ControlNets (give it once, or once per ControlNet)")
+            if values:
+                kw[key] = values[index if len(values) > 1 else 0]
+        groups.append((path, kw))
+    return groups
 
 
 def _lora_arg(text):
@@ -150,11 +205,46 @@ def _info(args):
     return 0
 
 
+def _add_lora(sub):
+    p = sub.add_parser("lora", help="LoRA tools")
+    lsub = p.add_subparsers(dest="lora_command", parser_class=_Parser)
+    m = lsub.add_parser("merge", help="bake LoRAs into a checkpoint (an LDM single file)")
+    m.add_argument("base", help="checkpoint file or diffusers folder")
+    m.add_argument("loras", nargs="+", metavar="LORA[:STRENGTH[:CLIP]]")
+    m.add_argument("-o", "--output", required=True, help="output .safetensors")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    m.set_defaults(func=_lora_merge)
+
+
+def _lora_merge(args):
+    import torch
+
+    from . import load
+    from .io.save import save_checkpoint
+
+    _check_readable(args.base, "file or directory")
+    loras = [_lora_arg(text) for text in args.loras]
+    if os.path.exists(args.output) and not args.overwrite:
+        raise SdfastError(f"{args.output} exists (pass --overwrite to replace it)")
+    pipe = load(args.base, device="cpu", dtype=torch.float32)
+    for path, strength, strength_clip in loras:
+        pipe.load_lora(path, strength, strength_clip)
+    info = pipe.info
+    merged = "; ".join(f"{os.path.basename(p)}:{s}" + (f":{c}" if c is not None else "")
+                       for p, s, c in loras)
+    save_checkpoint(args.output, pipe.unet, pipe.vae, pipe.text_encoder, info["family"],
+                    info["prediction"], metadata={**pipe.metadata, "sdfast.merged_loras": merged},
+                    overwrite=args.overwrite)
+    print(args.output)
+    return 0
+
+
 def build_parser():
     parser = _Parser(prog="sdfast", description="A fast Stable Diffusion runtime.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     _add_generate(sub)
     _add_info(sub)
+    _add_lora(sub)
     from .eval.cli import register as register_eval
     from .train.cli import register as register_train
     register_eval(sub)

@@ -16,12 +16,12 @@ class UNetCall:
         self.concat = concat
         self.controls = list(controls)
 
-    def __call__(self, x, timesteps, context, **kwargs):
+    def __call__(self, x, timesteps, context, cond_rows=None, **kwargs):
         x = x.to(self.dtype)
         context = context.to(self.dtype)
         control = None
         for active in self.controls:
-            residuals = active.residuals(x, timesteps, context)
+            residuals = active.residuals(x, timesteps, context, cond_rows)
             if residuals is not None:
                 control = residuals if control is None else [a + b for a, b in zip(control, residuals)]
         if self.concat is not None:
@@ -35,7 +35,8 @@ class UNetCall:
 
 class CFGDenoiser:
     """Classifier-free guidance on the denoised prediction: `u + cfg * (c - u)`.
-    cond and uncond run as one batch; the unconditional pass is skipped when cfg == 1."""
+    cond and uncond run as one batch; the unconditional pass is skipped when cfg == 1. The
+    inner call gets `cond_rows`: how many leading rows are conditional (ControlNet modes)."""
 
     def __init__(self, denoiser, cond, uncond, cfg):
         self.inner = denoiser
@@ -46,11 +47,12 @@ class CFGDenoiser:
 
     def __call__(self, x, sigma, seed=None, **kwargs):
         if self.cfg == 1.0:
-            return self.inner(x, sigma, context=self.cond, **kwargs)
+            return self.inner(x, sigma, context=self.cond, cond_rows=x.shape[0], **kwargs)
         x_in = torch.cat([x, x])                                     # [2B, C, h, w]
         sigma_in = torch.cat([sigma, sigma])
         context = torch.cat([self.cond, self.uncond])                # [2B, L, D]
-        cond, uncond = self.inner(x_in, sigma_in, context=context, **kwargs).chunk(2)
+        cond, uncond = self.inner(x_in, sigma_in, context=context, cond_rows=x.shape[0],
+                                  **kwargs).chunk(2)
         return uncond + (cond - uncond) * self.cfg
 
 

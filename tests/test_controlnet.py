@@ -137,3 +137,52 @@ def test_bad_controlnets_are_clear_errors(setup, tmp_path):
     with pytest.raises(SdfastError, match="start/end"):
         pipe.generate(PROMPT, width=64, height=64, steps=1, progress=False,
                       control=sdfast.Control(cn, hint_image(), start=0.8, end=0.2))
+
+
+def test_modes_scale_and_halve_as_a1111(setup):
+    from sdfast.addons.controlnet import SOFT_INJECTION, ActiveControl
+
+    kind, ref, single, net, folder, original = setup
+    cn = sdfast.load_controlnet(folder)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 4, 8, 8, generator=gen)
+    t = torch.full((4,), 500.0)
+    ctx = torch.randn(4, 77, ref.unet.config.cross_attention_dim, generator=gen)
+    hint = torch.rand(1, 3, 64, 64, generator=gen)
+    with torch.no_grad():
+        base = ActiveControl(cn, hint, 0.5, 0.0, 999.0).residuals(x, t, ctx, 2)
+        soft = ActiveControl(cn, hint, 0.5, 0.0, 999.0, "prompt").residuals(x, t, ctx, 2)
+        cond = ActiveControl(cn, hint, 0.5, 0.0, 999.0, "controlnet").residuals(x, t, ctx, 2)
+    n = len(base)
+    for i in range(n):
+        factor = SOFT_INJECTION ** (n - 1 - i)
+        torch.testing.assert_close(soft[i], base[i] * factor, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(cond[i][:2], soft[i][:2], rtol=0, atol=0)
+        assert torch.count_nonzero(cond[i][2:]) == 0                 # the unconditional half
+    assert torch.count_nonzero(base[-1][2:]) > 0
+
+
+def test_cli_controlnet_group(setup, tmp_path):
+    from test_cli import assert_one_line_error, run_cli
+
+    kind, ref, single, net, folder, original = setup
+    if kind != "small_sd1":
+        pytest.skip("one family is enough for the flags")
+    hint_image().save(tmp_path / "hint.png")
+    common = ["generate", "--model", str(single), "--prompt", "x", "--steps", "2", "-W", "64",
+              "-H", "64", "--quiet"]
+    outs = {}
+    for label, extra in (("none", []),
+                         ("cn", ["--controlnet", str(folder), "--control-image", str(tmp_path / "hint.png"),
+                                 "--control-strength", "0.7", "--control-mode", "prompt"])):
+        rc, _, err = run_cli(*common, "-o", str(tmp_path / f"{label}.png"), *extra)
+        assert rc == 0, err
+        outs[label] = Image.open(tmp_path / f"{label}.png").tobytes()
+    assert outs["none"] != outs["cn"]
+    rc, _, err = run_cli(*common, "--controlnet", str(folder))
+    assert_one_line_error(rc, err, "1 --controlnet but 0 --control-image")
+    rc, _, err = run_cli(*common, "--control-image", str(tmp_path / "hint.png"))
+    assert_one_line_error(rc, err, "needs --controlnet")
+    rc, _, err = run_cli(*common, "--controlnet", str(folder), "--control-image",
+                         str(tmp_path / "hint.png"), "--control-mode", "loud")
+    assert_one_line_error(rc, err, "unknown control mode")

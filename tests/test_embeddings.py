@@ -152,3 +152,24 @@ def test_vectors_count_toward_chunks_and_never_split():
     comfy = tokenize_prompt(tok, "a embedding:tri, dog", syntax="comfy", embeddings=emb)
     assert [o for o, _ in comfy[0].fixes] == [1, 2, 3]
     assert tok.decode(comfy[0].ids[5:7]) == ", dog"
+
+
+def test_cli_embedding_flags(tmp_path):
+    from PIL import Image
+
+    from test_cli import assert_one_line_error, run_cli
+
+    pipe = sdfast.load()
+    torch.save({"string_to_param": {"*": word_vectors(pipe, "red circle")}}, tmp_path / "redthing.pt")
+    common = ["generate", "--steps", "1", "--quiet", "--seed", "3"]
+    outs = {}
+    for label, prompt, extra in (("words", "a red circle", []),
+                                 ("flag", "a redthing", ["--embedding", str(tmp_path / "redthing.pt")]),
+                                 ("dir", "a redthing", ["--embeddings-dir", str(tmp_path)])):
+        rc, _, err = run_cli(*common, "--prompt", prompt, "-o", str(tmp_path / f"{label}.png"), *extra)
+        assert rc == 0, err
+        with Image.open(tmp_path / f"{label}.png") as img:
+            outs[label] = img.tobytes()
+    assert outs["words"] == outs["flag"] == outs["dir"]
+    rc, _, err = run_cli(*common, "--prompt", "x", "--embedding", str(tmp_path / "nope.pt"))
+    assert_one_line_error(rc, err, "no such embedding file")

@@ -392,3 +392,27 @@ def test_cli_lora_flags(model, tmp_path):
     assert_one_line_error(rc, err, "no such LoRA file")
     rc, _, err = run_cli(*common, "--prompt", "x <lora:nope>", "--lora-dir", str(tmp_path))
     assert_one_line_error(rc, err, "unknown LoRA 'nope'")
+
+
+def test_lora_merge_command_bakes_loras_and_never_overwrites(model, tmp_path):
+    from test_cli import assert_one_line_error, run_cli
+
+    kind, ref, single, _ = model
+    if kind != "small_sd2":
+        pytest.skip("one family is enough for the command (SD2 has the fused q/k/v case)")
+    save_file(random_kohya_lora(ref, seed=8), str(tmp_path / "a.safetensors"))
+    save_file(random_kohya_lora(ref, seed=9, conv=False), str(tmp_path / "b.safetensors"))
+    out = tmp_path / "merged.safetensors"
+    rc, stdout, err = run_cli("lora", "merge", str(single), f"{tmp_path / 'a.safetensors'}:0.7",
+                              f"{tmp_path / 'b.safetensors'}:0.5:1.5", "-o", str(out))
+    assert rc == 0, err
+    pipe = sdfast.load(single)
+    pipe.load_lora(tmp_path / "a.safetensors", 0.7)
+    pipe.load_lora(tmp_path / "b.safetensors", 0.5, 1.5)
+    merged = sdfast.load(out)
+    assert merged.info["family"] == pipe.info["family"]
+    _assert_same(_weights(merged), _weights(pipe))
+    first = out.read_bytes()
+    rc, _, err = run_cli("lora", "merge", str(single), str(tmp_path / "a.safetensors"), "-o", str(out))
+    assert_one_line_error(rc, err, "exists")
+    assert out.read_bytes() == first

@@ -3,8 +3,12 @@ diffusers ControlNetModel folders or single files) and `Control`, what `generate
 
 Timing follows ComfyUI's `start_percent` / `end_percent`: a control acts while the sampling
 timestep t (0..999) satisfies `(1 - end) * 999 <= t <= (1 - start) * 999`, where 0% means
-before the first step and 100% after the last: start=0, end=1 is every step, start=1 none. Several controls add their residuals, each times its strength, for the
-conditional and unconditional halves alike (diffusers' and ComfyUI's default).
+before the first step and 100% after the last: start=0, end=1 is every step, start=1 none. Several controls add their residuals, each times its strength. Modes (A1111's control modes):
+"balanced" applies them to the conditional and unconditional halves alike (diffusers' and
+ComfyUI's default); "prompt" ("my prompt is more important") scales residual i of n by
+0.825^(n-1-i) (soft injection: the deepest, middle-block residual keeps full strength);
+"controlnet" ("ControlNet is more important") is that soft injection on the conditional half
+only, so classifier-free guidance pushes towards the control.
 """
 import json
 import os
@@ -85,6 +89,11 @@ class Control:
     strength: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    mode: str = "balanced"
+
+
+MODES = ("balanced", "prompt", "controlnet")
+SOFT_INJECTION = 0.825
 
 
 def prepare_controls(controls, unet, width, height, device, dtype):
@@ -111,6 +120,8 @@ def prepare_controls(controls, unet, width, height, device, dtype):
                 unet.config.model_channels, unet.config.channel_mult, unet.config.num_res_blocks):
             raise SdfastError("the ControlNet's encoder does not match this model's UNet "
                               "(another architecture)")
+        if c.mode not in MODES:
+            raise SdfastError(f"unknown control mode {c.mode!r}; modes: {', '.join(MODES)}")
         if not 0.0 <= c.start <= c.end <= 1.0:
             raise SdfastError(f"control start/end must satisfy 0 <= start <= end <= 1, got "
                               f"{c.start}, {c.end}")
@@ -124,11 +135,12 @@ def prepare_controls(controls, unet, width, height, device, dtype):
         else:
             hint = (prepare_image(c.image, width, height) + 1) / 2       # [1, 3, H, W] in 0..1
         out.append(ActiveControl(net, hint.to(device, dtype), float(c.strength),
-                                 _percent_to_t(c.end, low=True), _percent_to_t(c.start, low=False)))
+                                 _percent_to_t(c.end), _percent_to_t(c.start),
+                                 c.mode))
     return out
 
 
-def _percent_to_t(percent, low):
+def _percent_to_t(percent):
     """ComfyUI's `percent_to_sigma` in timesteps: 0% is before the first step (+inf) and 100%
     after the last (-inf), so start=1 never acts and end=1 acts to the end."""
     if percent <= 0.0:
@@ -145,9 +157,11 @@ class ActiveControl:
     strength: float
     t_low: float
     t_high: float
+    mode: str = "balanced"
 
-    def residuals(self, x, timesteps, context):
-        """Strength-scaled residuals, or None when this step is outside start..end."""
+    def residuals(self, x, timesteps, context, cond_rows=None):
+        """Strength-scaled residuals, or None when this step is outside start..end.
+        `cond_rows`: the leading rows of the batch that are conditional (mode "controlnet")."""
         t = float(timesteps.reshape(-1)[0])
         if not self.t_low - 1e-4 <= t <= self.t_high + 1e-4:
             return None
@@ -155,7 +169,16 @@ class ActiveControl:
         if hint.shape[0] != x.shape[0]:
             hint = hint.repeat(x.shape[0] // hint.shape[0], 1, 1, 1)
         outs = self.net(x[:, :4], hint, timesteps, context)
-        return [o * self.strength for o in outs] if self.strength != 1.0 else outs
+        n = len(outs)
+        scales = [self.strength] * n
+        if self.mode != "balanced":
+            scales = [s * SOFT_INJECTION ** (n - 1 - i) for i, s in enumerate(scales)]
+        outs = [o * s if s != 1.0 else o for o, s in zip(outs, scales)]
+        if self.mode == "controlnet" and cond_rows is not None and cond_rows < x.shape[0]:
+            keep = torch.zeros(x.shape[0], 1, 1, 1, dtype=outs[0].dtype, device=outs[0].device)
+            keep[:cond_rows] = 1
+            outs = [o * keep for o in outs]
+        return outs
 
 
 __all__ = ["Control", "load_controlnet", "prepare_controls", "ActiveControl"]
