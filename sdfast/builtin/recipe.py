@@ -1,6 +1,6 @@
 """The built-in model's training recipe: `python -m sdfast.builtin.recipe OUT_DIR [--seed 0]`.
 
-From nothing to the shipped checkpoint on 2 CPU cores (about an hour):
+From nothing to the shipped checkpoint on 2 CPU cores (about two hours):
 1. generate the shapes training set (held-out combinations excluded) as a kohya folder;
 2. write the random starting checkpoint of the built-in architecture;
 3. `sdfast train finetune --train-vae`: the VAE alone, as an autoencoder;
