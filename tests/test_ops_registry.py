@@ -90,15 +90,24 @@ def test_constraints_are_enforced(spy, monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_CPU, reason="sdfast._C not built")
-def test_auto_selection_by_device_and_dtype():
-    x, w, b = _gn_args()
-    assert registry.select("group_norm", (x, 32, w, b, 1e-5, False, None))[0] == "cpu"
+def test_auto_selection_by_device_dtype_and_speed():
+    big = torch.randn(1, 64, 16, 16)
+    w, b = torch.ones(64), torch.zeros(64)
+    assert registry.select("group_norm", (big, 32, w, b, 1e-5, False, None))[0] == "cpu"
+    # where bench/kernels.py measured the cpu kernel slower than torch, auto picks torch ...
+    small = torch.randn(1, 64, 8, 8)
+    assert registry.select("group_norm", (small, 32, w, b, 1e-5, False, None))[0] == "reference"
+    assert ops.group_norm(small, 32, w, b, backend="cpu").shape == small.shape   # ... forcing works
     xh, wh, bh = _gn_args(dtype=torch.bfloat16)
     assert registry.select("group_norm", (xh, 32, wh, bh, 1e-5, False, None))[0] == "reference"
     with pytest.raises(SdfastError, match="float32"):
         ops.group_norm(xh, 32, wh, bh, backend="cpu")
     q = torch.randn(1, 2, 9, 8)
-    assert registry.select("attention", (q, q, q))[0] == "cpu"
+    assert registry.select("attention", (q, q, q))[0] == "cpu"             # cross-attention sizes
+    q = torch.randn(1, 2, 300, 8)
+    assert registry.select("attention", (q, q, q))[0] == "reference"       # self-attention
+    wt = torch.zeros(8, 8)
+    assert registry.select("lora_merge", (wt, [torch.zeros(8, 2)], [torch.zeros(2, 8)], [1.0]))[0] == "reference"
 
 
 def test_argument_checks_are_backend_independent():

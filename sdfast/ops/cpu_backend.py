@@ -56,6 +56,27 @@ def supports_group_norm(x, num_groups, weight, bias, eps, silu, add):
                          _cpu_f32("add", add))
 
 
+# Where the fused kernels beat torch on the 2-core AVX2 machine (bench/results/kernels-cpu.json,
+# SD1.5 shapes, fp32): group norm from 16x16 spatial (1.3-2.5x) but not at 8x8 (0.7-0.9x);
+# cross-attention (M = 77) up to head dim 80 (1.1-1.2x) but not 160 (0.87x) nor self-attention
+# (0.5-0.8x: torch's SDPA is a better flash kernel there); LoRA merge never (0.83x of addmm_).
+GN_MIN_SPATIAL = 256
+ATTN_MAX_KEYS = 256
+ATTN_MAX_HEAD_DIM = 80
+
+
+def faster_group_norm(x, num_groups, weight, bias, eps, silu, add):
+    return x[0, 0].numel() >= GN_MIN_SPATIAL
+
+
+def faster_attention(q, k, v):
+    return k.shape[-2] <= ATTN_MAX_KEYS and q.shape[-1] <= ATTN_MAX_HEAD_DIM
+
+
+def faster_lora_merge(weight, ups, downs, scales):
+    return False
+
+
 def _rows_view(x):
     """`x` [B, C, *spatial] as [B, C, S] with a unit channel or spatial stride (a view), or
     None when its layout has no such view."""

@@ -19,7 +19,10 @@ that fails to import makes its backend unavailable and never breaks `import sdfa
     triton     sdfast.ops.triton_backend kernels/ (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)
     cuda       sdfast.ops.cuda_backend   csrc/cuda through sdfast._C_cuda
 
-Each module defines `available() -> bool`, the op functions and `supports_<op>(...)`.
+Each module defines `available() -> bool`, the op functions and `supports_<op>(...)`, and may
+define `faster_<op>(...) -> bool`: whether it beats the next backend for these arguments, as
+measured by bench/kernels.py. Automatic selection skips a backend where that is False (forcing
+it still works): the fastest correct backend, not merely the first.
 
 Selection: a forced backend wins (the op's `backend=` argument, then `use_backend(...)`, then
 the SDFAST_BACKEND environment variable); otherwise the first backend of `AUTO_ORDER[device]`
@@ -60,6 +63,7 @@ class Impl:
 
     fn: object
     constraints: list = field(default_factory=list)
+    faster: object = None     # automatic selection only: `faster(*args)` False -> skip it here
 
     def reason(self, args):
         """None when every constraint accepts `args`, else the first refusal's reason."""
@@ -118,6 +122,7 @@ def _load(backend):
             continue
         check = getattr(mod, f"supports_{op}", None)
         register(op, backend, constraints=[check] if check else [])(fn)
+        _IMPLS[op][backend].faster = getattr(mod, f"faster_{op}", None)
 
 
 def _impl(op, backend):
@@ -214,7 +219,9 @@ def select(op, args, backend=None):
     device = _first_tensor(args).device.type
     for name in AUTO_ORDER.get(device, ("reference",)):
         impl = _impl(op, name)
-        if impl is not None and impl.reason(args) is None:
+        if impl is None or (impl.faster is not None and not impl.faster(*args)):
+            continue
+        if impl.reason(args) is None:
             return name, impl.fn
     impl = _impl(op, "reference")
     return "reference", impl.fn
