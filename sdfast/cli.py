@@ -71,6 +71,8 @@ def _add_generate(sub):
     p.add_argument("--control-end", action="append", type=float, default=[])
     p.add_argument("--control-mode", action="append", default=[],
                    help="balanced, prompt or controlnet")
+    p.add_argument("--preprocess", action="append", default=[],
+                   help="turn the control image into a map first: canny or binary")
     p.add_argument("--device", default=None)
     p.add_argument("-o", "--output", default="out.png", help="output PNG (numbered if taken)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
@@ -119,8 +121,14 @@ def _generate(args):
     pipe.embeddings_dir = args.embeddings_dir
     if controls:
         from . import Control, load_controlnet
-        controls = [Control(load_controlnet(path, device=pipe.device, dtype=pipe.dtype), **kw)
-                    for path, kw in controls]
+        from .addons.preprocess import preprocess
+
+        built = []
+        for path, kw in controls:
+            if "preprocess" in kw:
+                kw["image"] = preprocess(kw.pop("preprocess"), kw["image"])
+            built.append(Control(load_controlnet(path, device=pipe.device, dtype=pipe.dtype), **kw))
+        controls = built
     args.width = args.width or pipe.native_size[0]
     args.height = args.height or pipe.native_size[1]
     images = pipe.generate(
@@ -150,7 +158,7 @@ def _control_groups(args):
     nets = args.controlnet
     if not nets:
         given = [o for o in ("control_image", "control_strength", "control_start", "control_end",
-                             "control_mode") if getattr(args, o)]
+                             "control_mode", "preprocess") if getattr(args, o)]
         if given:
             raise SdfastError(f"--{given[0].replace('_', '-')} needs --controlnet")
         return []
@@ -161,14 +169,20 @@ def _control_groups(args):
         _check_readable(path, "ControlNet file or folder")
     for path in args.control_image:
         _check_readable(path, "file")
+    from .addons.preprocess import PREPROCESSORS
+
+    for name in args.preprocess:
+        if name not in PREPROCESSORS:
+            raise SdfastError(f"unknown preprocessor {name!r}; built in: {', '.join(PREPROCESSORS)}")
     options = {"strength": args.control_strength, "start": args.control_start,
-               "end": args.control_end, "mode": args.control_mode}
+               "end": args.control_end, "mode": args.control_mode, "preprocess": args.preprocess}
     groups = []
     for index, (path, image) in enumerate(zip(nets, args.control_image)):
         kw = {"image": image}
         for key, values in options.items():
             if len(values) not in (0, 1, len(nets)):
-                raise SdfastError(f"--control-{key} given {len(values)} times for {len(nets)} "
+                flag = "--preprocess" if key == "preprocess" else f"--control-{key}"
+                raise SdfastError(f"{flag} given {len(values)} times for {len(nets)} "
                                   "ControlNets (give it once, or once per ControlNet)")
             if values:
                 kw[key] = values[index if len(values) > 1 else 0]

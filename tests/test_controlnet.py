@@ -179,6 +179,13 @@ def test_cli_controlnet_group(setup, tmp_path):
         assert rc == 0, err
         outs[label] = Image.open(tmp_path / f"{label}.png").tobytes()
     assert outs["none"] != outs["cn"]
+    rc, _, err = run_cli(*common, "-o", str(tmp_path / "canny.png"), "--controlnet", str(folder),
+                         "--control-image", str(tmp_path / "hint.png"), "--preprocess", "canny")
+    assert rc == 0, err
+    assert Image.open(tmp_path / "canny.png").tobytes() not in (outs["none"], outs["cn"])
+    rc, _, err = run_cli(*common, "--controlnet", str(folder), "--control-image",
+                         str(tmp_path / "hint.png"), "--preprocess", "depth")
+    assert_one_line_error(rc, err, "unknown preprocessor 'depth'")
     rc, _, err = run_cli(*common, "--controlnet", str(folder))
     assert_one_line_error(rc, err, "1 --controlnet but 0 --control-image")
     rc, _, err = run_cli(*common, "--control-image", str(tmp_path / "hint.png"))

@@ -173,3 +173,23 @@ def test_cli_embedding_flags(tmp_path):
     assert outs["words"] == outs["flag"] == outs["dir"]
     rc, _, err = run_cli(*common, "--prompt", "x", "--embedding", str(tmp_path / "nope.pt"))
     assert_one_line_error(rc, err, "no such embedding file")
+
+
+@pytest.mark.parametrize("kind", ["small_sd1", "small_sd2"])
+def test_a1111_embedding_matches_diffusers_load_textual_inversion(kind, tmp_path):
+    ref = make_reference(kind, tmp_path)
+    ours = sdfast.load(save_single_file(ref, family_of(kind), tmp_path / "model.safetensors"))
+    width = ours.text_encoder.token_embedding.weight.shape[1]
+    vectors = torch.randn(3, width, generator=torch.Generator().manual_seed(4)) * 0.05
+    torch.save({"string_to_param": {"*": vectors}, "name": "shinystyle", "step": 10},
+               tmp_path / "shinystyle.pt")
+    ours.load_embedding(tmp_path / "shinystyle.pt")
+    ref.load_textual_inversion(str(tmp_path / "shinystyle.pt"), token="shinystyle")
+    prompt = "a photo of shinystyle on a table"
+    with torch.no_grad():
+        theirs, _ = ref.encode_prompt(prompt, "cpu", 1, False)
+    got = ours.encode_prompt(prompt, "")[0]
+    plain = ours.encode_prompt("a photo of on a table", "")[0]
+    assert got.shape == theirs.shape
+    assert (got - theirs).abs().max().item() < 1e-5            # as test_pipeline's ENCODE_TOL
+    assert (got - plain).abs().max().item() > 1e-2
