@@ -216,8 +216,8 @@ class Pipeline:
             loaded = ", ".join(self.loras) or "none"
             raise SdfastError(f"no LoRA named {name!r} is loaded (loaded: {loaded})")
 
-    def _prompt_loras(self, prompt, negative_prompt, lora_dir):
-        """Strip `<lora:...>` tags from the prompt(s); returns `(prompt, negative, tags)`. All
+    def _prompt_loras(self, prompt):
+        """Strip `<lora:...>` tags from the prompt(s); returns `(prompt, tags)`. All
         prompts of a batch must name the same LoRAs (they share the weights)."""
         from .addons.tags import extract_lora_tags
 
@@ -231,7 +231,7 @@ class Pipeline:
             raise SdfastError("every prompt of a batch must carry the same <lora:...> tags "
                               "(the LoRAs are merged into weights the batch shares)")
         prompt = stripped[0] if isinstance(prompt, str) else stripped
-        return prompt, negative_prompt, tag_sets[0]
+        return prompt, tag_sets[0]
 
     def _apply_tags(self, tags, lora_dir):
         """Merge the tagged LoRAs for one call; returns the names to unload afterwards."""
@@ -312,7 +312,7 @@ class Pipeline:
         `<lora:name:strength>` tags (A1111 syntax, see `sdfast.addons.tags`) load `name` from
         `lora_dir` (default `self.lora_dir`) for this call only; they are removed from the text.
         """
-        prompt, negative_prompt, tags = self._prompt_loras(prompt, negative_prompt, lora_dir)
+        prompt, tags = self._prompt_loras(prompt)
         names = self._apply_tags(tags, lora_dir) if tags else []
         try:
             return self._generate(prompt, negative_prompt, width, height, steps, cfg, sampler,

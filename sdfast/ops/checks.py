@@ -2,6 +2,28 @@
 string the registry reports (see sdfast.ops.registry); device/dtype checks stay per backend."""
 
 
+def tensors(check, named):
+    """The first reason `check(name, tensor)` gives for the `(name, tensor)` pairs (None tensors
+    skipped), or None when every tensor passes."""
+    for name, t in named:
+        if t is not None and (reason := check(name, t)):
+            return reason
+    return None
+
+
+def group_norm_shapes(x, num_groups, add):
+    """[B, C, H, W] or [B, C, N] input, channels split into the groups, `add` one value per
+    (batch, channel)."""
+    if x.dim() not in (3, 4):
+        return f"x must be [B, C, H, W] or [B, C, N], got {x.dim()}-d"
+    if x.shape[1] % num_groups:
+        return f"channels {x.shape[1]} not divisible by {num_groups} groups"
+    if add is not None and (tuple(add.shape[:2]) != tuple(x.shape[:2])
+                            or add.numel() != x.shape[0] * x.shape[1]):
+        return f"add must be [B, C] = {tuple(x.shape[:2])}, got {tuple(add.shape)}"
+    return True
+
+
 def attention_shapes(q, k, v, max_head_dim):
     """4-d q/k/v of one dtype, matching batch/heads/head dim, at least one key."""
     if not (q.dtype == k.dtype == v.dtype):

@@ -9,7 +9,7 @@ import importlib
 
 import torch
 
-from .checks import attention_shapes, lora_shapes
+from .checks import attention_shapes, group_norm_shapes, lora_shapes, tensors
 
 DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MAX_HEAD_DIM = 160  # csrc/cuda/kernels.h kMaxHeadDim
@@ -66,29 +66,20 @@ def supports_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, silu=Fa
     """True, or the reason the CUDA GroupNorm cannot take these arguments."""
     if not available():
         return "sdfast._C_cuda is not built or no CUDA device is present"
-    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("add", add)):
-        if t is not None and (reason := _check_tensor(name, t)):
-            return reason
-        if t is not None and t.dtype != x.dtype:
-            return f"{name} dtype {t.dtype} differs from x dtype {x.dtype}"
-    if x.dim() not in (3, 4):
-        return f"x must be [B, C, H, W] or [B, C, N], got {x.dim()}-d"
-    if x.shape[1] % num_groups:
-        return f"channels {x.shape[1]} not divisible by {num_groups} groups"
-    if add is not None and (tuple(add.shape[:2]) != tuple(x.shape[:2])
-                            or add.numel() != x.shape[0] * x.shape[1]):
-        return f"add must be [B, C] = {tuple(x.shape[:2])}, got {tuple(add.shape)}"
-    return True
+    def same_dtype(name, t):
+        return _check_tensor(name, t) or (f"{name} dtype {t.dtype} differs from x dtype {x.dtype}"
+                                          if t.dtype != x.dtype else None)
+
+    named = (("x", x), ("weight", weight), ("bias", bias), ("add", add))
+    return tensors(same_dtype, named) or group_norm_shapes(x, num_groups, add)
 
 
 def supports_attention(q, k, v):
     """True, or the reason the CUDA attention cannot take these arguments."""
     if not available():
         return "sdfast._C_cuda is not built or no CUDA device is present"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if reason := _check_tensor(name, t):
-            return reason
-    return attention_shapes(q, k, v, MAX_HEAD_DIM)
+    return (tensors(_check_tensor, (("q", q), ("k", k), ("v", v)))
+            or attention_shapes(q, k, v, MAX_HEAD_DIM))
 
 
 def supports_lora_merge(weight, ups, downs, scales):

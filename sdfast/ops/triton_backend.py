@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .checks import attention_shapes, lora_shapes
+from .checks import attention_shapes, group_norm_shapes, lora_shapes, tensors
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HEAD_DIMS_MAX = 256
@@ -61,29 +61,19 @@ def supports_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, silu=Fa
     """True, or the reason the Triton GroupNorm cannot take these arguments."""
     if not available():
         return "Triton is not installed or has no CUDA device / interpreter"
-    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("add", add)):
-        if t is not None and (reason := _check_tensor(name, t)):
-            return reason
-    if x.dim() not in (3, 4):
-        return f"x must be [B, C, H, W] or [B, C, N], got {x.dim()}-d"
-    if x.shape[1] % num_groups:
-        return f"channels {x.shape[1]} not divisible by {num_groups} groups"
-    if x.shape[1] // num_groups > GROUP_CHANNELS_MAX:
+    named = (("x", x), ("weight", weight), ("bias", bias), ("add", add))
+    reason = tensors(_check_tensor, named) or group_norm_shapes(x, num_groups, add)
+    if reason is True and x.shape[1] // num_groups > GROUP_CHANNELS_MAX:
         return f"more than {GROUP_CHANNELS_MAX} channels per group"
-    if add is not None and (tuple(add.shape[:2]) != tuple(x.shape[:2])
-                            or add.numel() != x.shape[0] * x.shape[1]):
-        return f"add must be [B, C] = {tuple(x.shape[:2])}, got {tuple(add.shape)}"
-    return True
+    return reason
 
 
 def supports_attention(q, k, v):
     """True, or the reason the Triton attention cannot take these arguments."""
     if not available():
         return "Triton is not installed or has no CUDA device / interpreter"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if reason := _check_tensor(name, t):
-            return reason
-    return attention_shapes(q, k, v, HEAD_DIMS_MAX)
+    return (tensors(_check_tensor, (("q", q), ("k", k), ("v", v)))
+            or attention_shapes(q, k, v, HEAD_DIMS_MAX))
 
 
 def supports_lora_merge(weight, ups, downs, scales):
