@@ -200,3 +200,30 @@ def test_diffusers_config_folder_loads_the_single_file_as_diffusers_built_it(kin
         # to Linear layers, which round differently from its own freshly built model.
         a, b = pipe.vae.decode(x).sample, ref.vae.decode(x).sample
         assert (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("source", ["single", "folder"])
+def test_model_flag_times_a_user_file_or_folder(source, capsys, tmp_path, keep_threads):
+    """--model: a single file gets a diffusers config folder written from what sdfast detects
+    (cached in the work folder); a diffusers folder loads as it is on both sides."""
+    from _pipelines import family_of, make_reference, save_single_file
+
+    ref = make_reference("small_sd2", tmp_path)
+    if source == "single":
+        model = save_single_file(ref, family_of("small_sd2"), tmp_path / "mine.safetensors",
+                                 metadata={"sdfast.prediction": "eps"})
+    else:
+        model = tmp_path / "mine"
+        ref.save_pretrained(str(model))
+    out_json = tmp_path / "run.json"
+    rc = main(["bench", "--model", str(model), "--suite", "unet", "--resolution", "64",
+               "--repeats", "1", "--warmup", "0", "--compare", "diffusers", "--threads", "1",
+               "--work-dir", str(tmp_path / "work"), "--json", str(out_json), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    record = json.loads(out_json.read_text())
+    assert record["model"]["label"] == model.name and record["model"]["family"] == "sd2"
+    assert record["command"].startswith(f"sdfast bench --model {model}")
+    check = record["rows"][0]["checks"]["diffusers"]
+    assert check["max_abs_diff_vs_sdfast"] < 1e-4 * max(1.0, check["max_abs_sdfast"])
+    configs = list((tmp_path / "work").glob("configs/*/model_index.json"))
+    assert len(configs) == (1 if source == "single" else 0)
