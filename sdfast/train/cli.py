@@ -58,11 +58,16 @@ def add_finetune_parser(sub):
     p.add_argument("--seed", type=_number(int, 0), default=d["seed"])
     p.add_argument("--resume", default=None, help="state folder, or output folder to continue")
     p.add_argument("--noise-offset", type=_number(float, 0), default=d["noise_offset"])
+    p.add_argument("--min-snr-gamma", type=_number(float, 0, False), default=None,
+                   help="Min-SNR loss weighting (5 is the paper's value)")
     p.add_argument("--train-text-encoder", action="store_true")
     p.add_argument("--text-encoder-lr", type=_number(float, 0, False), default=None)
     p.add_argument("--train-vae", action="store_true", help="train only the VAE (autoencoder)")
     p.add_argument("--vae-loss", choices=("l1", "mse"), default=d["vae_loss"])
     p.add_argument("--kl-weight", type=_number(float, 0), default=d["kl_weight"])
+    p.add_argument("--vae-foreground-weight", type=_number(float, 0),
+                   default=d["vae_foreground_weight"],
+                   help="extra VAE loss weight on pixels unlike the image's border colour")
     p.add_argument("--cache-latents", action="store_true",
                    help="encode every image once, keep the latents in memory")
     p.add_argument("--latents", choices=("sample", "mean"), default=d["latents"],

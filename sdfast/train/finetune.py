@@ -69,7 +69,8 @@ def _check_options(o):
     if o["save_every_n_steps"] is not None:
         _positive("save_every_n_steps", o["save_every_n_steps"])
     _positive("learning_rate", o["learning_rate"], float)
-    for key in ("noise_offset", "kl_weight", "max_grad_norm", "weight_decay"):
+    for key in ("noise_offset", "kl_weight", "max_grad_norm", "weight_decay",
+                "vae_foreground_weight"):
         _positive(key, o[key], float, allow_zero=True)
     check_choice("save_precision", o["save_precision"], tuple(SAVE_PRECISIONS))
     check_choice("latents", o["latents"], LATENT_MODES)
@@ -78,9 +79,13 @@ def _check_options(o):
         _positive("text_encoder_lr", o["text_encoder_lr"], float)
         if not o["train_text_encoder"]:
             raise SdfastError("text_encoder_lr needs train_text_encoder")
+    if o["min_snr_gamma"] is not None:
+        _positive("min_snr_gamma", o["min_snr_gamma"], float)
+    if o["vae_foreground_weight"] and not o["train_vae"]:
+        raise SdfastError("vae_foreground_weight needs train_vae")
     if o["train_vae"]:
-        for key in ("train_text_encoder", "cache_latents", "noise_offset"):
-            if o[key]:
+        for key in ("train_text_encoder", "cache_latents", "noise_offset", "min_snr_gamma"):
+            if o[key] not in (None, False, 0):
                 raise SdfastError(f"train_vae trains only the VAE: {key} does not apply")
 
 
@@ -89,7 +94,8 @@ def _settings(o, num_processes):
     keys = ("seed", "learning_rate", "text_encoder_lr", "lr_scheduler", "lr_warmup_steps",
             "optimizer", "weight_decay", "max_grad_norm", "mixed_precision",
             "gradient_accumulation_steps", "noise_offset", "train_text_encoder", "train_vae",
-            "vae_loss", "kl_weight", "cache_latents", "latents")
+            "vae_loss", "kl_weight", "cache_latents", "latents", "min_snr_gamma",
+            "vae_foreground_weight")
     config = Path(o["dataset_config"]).read_bytes()
     return {"method": "finetune", "model": os.path.abspath(o["model"]),
             "dataset_config_sha256": hashlib.sha256(config).hexdigest(),
@@ -188,7 +194,8 @@ def _setup_models(parts, o, device):
     lr = o["learning_rate"]
     if o["train_vae"]:
         trained = [trainable_(parts.vae)]
-        objective = VAEObjective(parts.vae, o["vae_loss"], o["kl_weight"])
+        objective = VAEObjective(parts.vae, o["vae_loss"], o["kl_weight"],
+                                 o["vae_foreground_weight"])
         groups = [{"params": list(parts.vae.parameters()), "lr": lr}]
     else:
         trained = [trainable_(parts.unet)]
@@ -200,7 +207,8 @@ def _setup_models(parts, o, device):
         prediction = parts.info.prediction
         objective = DiffusionObjective(parts.unet, parts.text_encoder,
                                        ModelSampling(prediction=prediction).alphas_cumprod,
-                                       prediction, o["train_text_encoder"])
+                                       prediction, o["train_text_encoder"],
+                                       o["min_snr_gamma"])
     if o["gradient_checkpointing"]:
         for module in trained:
             enable_gradient_checkpointing(module)
@@ -239,7 +247,8 @@ def train_finetune(model, dataset_config, output_dir, output_name, *, max_train_
                    gradient_accumulation_steps=1, save_every_n_steps=None,
                    save_precision="fp32", seed=0, resume=None, noise_offset=0.0,
                    train_text_encoder=False, text_encoder_lr=None, train_vae=False,
-                   vae_loss="l1", kl_weight=1e-6, cache_latents=False, latents="sample",
+                   vae_loss="l1", kl_weight=1e-6, vae_foreground_weight=0.0,
+                   min_snr_gamma=None, cache_latents=False, latents="sample",
                    num_workers=0, cpu=False, progress=True) -> TrainResult:
     """Fine-tune `model` on the kohya dataset config `dataset_config`; the model is written to
     `output_dir/output_name.safetensors` (see the module docstring and `sdfast.train.run`).
@@ -247,6 +256,7 @@ def train_finetune(model, dataset_config, output_dir, output_name, *, max_train_
     A step is one optimizer step over `gradient_accumulation_steps` micro-batches on every
     process. `cache_latents` encodes every image once, before training, and keeps the latents
     in memory. `latents`: the VAE posterior "sample" (default) or its "mean".
+    `min_snr_gamma` and `vae_foreground_weight`: loss weightings (`sdfast.train.objectives`).
     `resume`: a state folder, or an output folder whose latest state is continued.
     """
     o = dict(locals())
