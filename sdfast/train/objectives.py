@@ -4,7 +4,14 @@ Diffusion (Ho et al. 2020, as in LDM's `DDPM.p_losses`, Rombach et al. 2022): wi
 `a = alphas_cumprod[t]`, `x_t = sqrt(a) * x_0 + sqrt(1 - a) * eps`; the UNet sees `x_t`, the
 integer timestep `t` and the text context, and the loss is the MSE between its output and `eps`
 (eps models) or `v = sqrt(a) * eps - sqrt(1 - a) * x_0` (v models, Salimans & Ho 2022).
-`x_0` are VAE latents times 0.18215.
+`x_0` are VAE latents times 0.18215. With per-image `weights` (DreamBooth's prior-preservation
+weight on class images) the loss is kohya's `mean_i(w_i * mse_i)`, `mse_i` the mean over image
+i's elements; diffusers' `mse(instance) + w * mse(class)` over a half-and-half batch is twice that.
+
+Method-specific inputs: `slots` (textual inversion) puts trainable vectors in place of
+placeholder tokens, as the pipeline places embeddings at inference (`Pipeline._encode_ids`);
+`hints` (ControlNet) feeds the conditioning images to the ControlNet, whose residuals the UNet
+adds (`UNetModel.forward(..., control=)`).
 
 Autoencoder (LDM's `AutoencoderKL` with `LPIPSWithDiscriminator` minus LPIPS and the
 discriminator): `x -> q(z|x) -> z ~ q -> decoder(z)`; LDM sums the L1 reconstruction error over
@@ -47,30 +54,52 @@ def diffusion_target(latents, noise, alphas_cumprod, prediction):
 
 
 class DiffusionObjective(nn.Module):
-    """`forward(latents, input_ids, noise, timesteps)` -> MSE of the UNet against its target.
+    """`forward(latents, input_ids, noise, timesteps, weights=None, slots=None, hints=None)` ->
+    MSE of the UNet against its target (module docstring).
 
-    The text encoder runs with gradients only when `train_text_encoder`."""
+    The text encoder runs with gradients only when `train_text_encoder` (also needed when only
+    something inside it trains: LoRA layers, `token_vectors`). `token_vectors` `[n, C]`: the
+    textual-inversion vectors that `slots` `[B, 77]` (vector index, -1 elsewhere) place.
+    `controlnet`: a ControlNetModel fed `hints`."""
 
     def __init__(self, unet, text_encoder, alphas_cumprod, prediction="eps",
-                 train_text_encoder=False, min_snr_gamma=None):
+                 train_text_encoder=False, token_vectors=None, controlnet=None,
+                 min_snr_gamma=None):
         super().__init__()
         self.min_snr_gamma = min_snr_gamma
         self.unet = unet
         self.text_encoder = text_encoder
         self.prediction = prediction
         self.train_text_encoder = train_text_encoder
+        self.token_vectors = token_vectors
+        self.controlnet = controlnet
         self.register_buffer("alphas_cumprod", alphas_cumprod.float().clone(), persistent=False)
 
-    def forward(self, latents, input_ids, noise, timesteps):
+    def encode_text(self, input_ids, slots=None):
+        """`[B, 77]` ids -> `[B, 77, C]` context; `slots` >= 0 take `token_vectors` rows."""
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
-            context = self.text_encoder(input_ids)                 # [B, 77] -> [B, 77, C]
+            if slots is None:
+                return self.text_encoder(input_ids)                # [B, 77] -> [B, 77, C]
+            embeds = self.text_encoder.token_embedding(input_ids)  # [B, 77, C], frozen
+            vectors = self.token_vectors[slots.clamp(min=0)]       # [B, 77] -> [B, 77, C]
+            placed = torch.where((slots >= 0)[..., None], vectors.to(embeds.dtype), embeds)
+            return self.text_encoder(inputs_embeds=placed)
+
+    def forward(self, latents, input_ids, noise, timesteps, weights=None, slots=None,
+                hints=None):
+        context = self.encode_text(input_ids, slots)
         a = self.alphas_cumprod[timesteps]                          # [B]
-        pred = self.unet(noisy_latents(latents, noise, a), timesteps.float(), context)
+        x_t, t = noisy_latents(latents, noise, a), timesteps.float()
+        control = None if self.controlnet is None else self.controlnet(x_t, hints, t, context)
+        pred = self.unet(x_t, t, context, control=control)
         target = diffusion_target(latents, noise, a, self.prediction)
-        if self.min_snr_gamma is None:
+        if self.min_snr_gamma is not None:
+            snr_weights = min_snr_weight(a.float(), self.min_snr_gamma, self.prediction)
+            weights = snr_weights if weights is None else weights * snr_weights
+        if weights is None:
             return F.mse_loss(pred.float(), target.float())
-        per_item = (pred.float() - target.float()).pow(2).flatten(1).mean(1)   # [B]
-        return (per_item * min_snr_weight(a.float(), self.min_snr_gamma, self.prediction)).mean()
+        per_image = (pred.float() - target.float()).pow(2).flatten(1).mean(1)   # [B]
+        return (per_image * weights).mean()
 
 
 def min_snr_weight(alphas_cumprod, gamma, prediction="eps"):
