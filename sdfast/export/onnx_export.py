@@ -11,7 +11,10 @@ built-in model at its native 64 px reaches a 1x1 bottom level, so one graph coul
 Constant folding is off so every parameter stays an initializer under its own name (folding
 would fold nn.Linear weights into transposed, renamed copies): `refit` maps in the manifest
 then name, for each weight a LoRA can change, the initializer that holds it; ONNX Runtime and
-TensorRT fold the remaining weight transposes themselves when they load the graph.
+TensorRT fold the remaining weight transposes themselves when they load the graph. The UNet
+and the text encoder, the graphs a LoRA changes, always keep their weights in external data
+(`<stage>.onnx.data`): ONNX Runtime replaces initializers at session creation only where they
+are external (`add_external_initializers`); the other graphs do so past 2 GB.
 """
 import os
 import tempfile
@@ -28,6 +31,7 @@ MIN_OPSET = 17
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 PROTOBUF_LIMIT = 2 ** 31 - 2 ** 24       # a model beyond ~2 GB must keep its weights outside
 STAGES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+REFIT_STAGES = ("unet", "text_encoder")
 
 
 def max_opset():
@@ -107,11 +111,12 @@ def export_onnx(model=None, output=None, opset=MIN_OPSET, dtype="fp32", controln
     written = {}
     for stage, graph in graphs.items():
         graph_dtype = torch.float32 if stage.startswith("vae") else torch_dtype
+        threshold = 0 if stage in REFIT_STAGES else external_data_threshold
         written[stage] = _export_graph(graph, graph_dtype, os.path.join(output, files[stage]),
-                                       opset, external_data_threshold)
+                                       opset, threshold)
     refit = {stage: _refit_map(getattr(graphs[stage], stage), written[stage]["initializers"],
                                stage + ".")
-             for stage in ("unet", "text_encoder")}
+             for stage in REFIT_STAGES}
     manifest = _manifest(pipe, opset, dtype, files, written, refit, nets, with_controls)
     mf.write(output, manifest)
     return manifest
@@ -122,14 +127,16 @@ def _check_free(output, names, overwrite):
         raise SdfastError(f"{output} exists and is not a folder")
     if overwrite or not os.path.isdir(output):
         return
-    taken = [n for n in [mf.MANIFEST, *names] if os.path.exists(os.path.join(output, n))]
+    names = [mf.MANIFEST, *names, *(n + ".data" for n in names)]
+    taken = [n for n in names if os.path.exists(os.path.join(output, n))]
     if taken:
         raise SdfastError(f"{os.path.join(output, taken[0])} exists (pass --overwrite to replace "
                           "the export)")
 
 
 def _export_graph(graph, dtype, path, opset, threshold):
-    """Trace `graph` into `path` (external data past `threshold` bytes), check it, and return
+    """Trace `graph` into `path` (weights in external data past `threshold` bytes; 0: every
+    initializer external), check it, and return
     `{"inputs", "outputs", "initializers", "external_data"}`."""
     import onnx
 
@@ -148,14 +155,14 @@ def _export_graph(graph, dtype, path, opset, threshold):
                                   dynamic_axes=graph.dynamic_axes, do_constant_folding=False)
         model = onnx.load(traced)                       # external pieces, if any, read back in
     weights = sum(_nbytes(t) for t in model.graph.initializer)
-    external = weights > threshold
+    external = weights > threshold or threshold == 0
     data_name = os.path.basename(path) + ".data"
     for stale in (path, os.path.join(folder, data_name)):
         if os.path.exists(stale):
             os.remove(stale)
     if external:
         onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
+                        location=data_name, size_threshold=1024 if threshold else 0)
     else:
         onnx.save_model(model, path)
     onnx.checker.check_model(path)
