@@ -36,6 +36,8 @@ class Stage:
     """One graph: its runner, its inputs' dtypes and (optionally) a twin and refit map."""
 
     def __init__(self, runner, spec, twin=None, refit=None, weights=None):
+        self.name = os.path.basename(getattr(runner, "path", "") or "") or "graph"
+        self.fixed = set(spec.get("fixed", ()))   # in the graph, but not refittable
         self.runner = runner
         self.inputs = {name: _torch_dtype(s["dtype"]) for name, s in spec["inputs"].items()}
         self.outputs = list(spec["outputs"])
@@ -56,6 +58,10 @@ class Stage:
     def materialize(self, names):
         """Give the twin's parameters `names` their real values (the graph's initializers)."""
         params = dict(self.twin.named_parameters())
+        fixed = sorted(self.fixed.intersection(names))
+        if fixed:
+            raise SdfastError(f"{self.name}: a LoRA changes {len(fixed)} weight(s) this engine "
+                              f"cannot refit (first: {fixed[0]}); build the engines with --refit")
         todo = [n for n in names if params[n].is_meta]
         found = self._weights.read([self._refit[n] for n in todo if n in self._refit]) if todo else {}
         for name in todo:
