@@ -35,7 +35,8 @@ def _add_onnx(sub):
     p.add_argument("--model", help="checkpoint file or diffusers folder (default: the built-in model)")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--opset", type=_int, default=MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
-    p.add_argument("--dtype", default="fp32", help=f"{' or '.join(DTYPES)} (fp16 keeps the VAE fp32)")
+    p.add_argument("--dtype", default="fp32", help=f"{' or '.join(DTYPES)} (fp16: the UNet and ControlNets; the VAE and text "
+                   "encoder stay fp32)")
     p.add_argument("--controlnet", action="append", default=[], metavar="PATH",
                    help="also export this ControlNet (repeatable); the UNet gets residual inputs")
     p.add_argument("--control-inputs", action="store_true",

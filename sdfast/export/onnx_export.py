@@ -56,6 +56,7 @@ def _require_onnx():
 
 
 def _controlnet_name(path, taken):
+    """The ControlNet's file or folder name, made unique among `taken`."""
     base = os.path.splitext(os.path.basename(os.path.normpath(os.fspath(path))))[0] or "controlnet"
     name, index = base, 2
     while name in taken:
@@ -68,8 +69,10 @@ def export_onnx(model=None, output=None, opset=MIN_OPSET, dtype="fp32", controln
     """Export `model` (a checkpoint path, a diffusers folder, None for the built-in model) to
     the folder `output`. Returns the manifest.
 
-    `dtype` "fp16" exports the text encoder, UNet and ControlNets in fp16 and keeps the VAE in
-    fp32 (the SD VAE overflows in fp16; A1111's --no-half-vae). `controlnets`: ControlNet files
+    `dtype` "fp16" exports the UNet and ControlNets in fp16 and keeps the VAE in fp32 (the SD
+    VAE overflows in fp16; A1111's --no-half-vae) and the text encoder too (~1% of the run
+    time; the TorchScript exporter builds its causal attention mask in fp32, which ONNX's fp16
+    LayerNormalization then rejects). `controlnets`: ControlNet files
     or folders, each written as its own graph; the UNet then takes the residual inputs, as it
     also does with `control_inputs=True`. A graph whose weights exceed
     `external_data_threshold` bytes keeps them in `<stage>.onnx.data` beside it.
@@ -86,31 +89,34 @@ def export_onnx(model=None, output=None, opset=MIN_OPSET, dtype="fp32", controln
     for path in controlnets:
         if not os.path.exists(path):
             raise SdfastError(f"{path}: no such ControlNet file or folder")
+    names = {}
+    for path in controlnets:
+        names[_controlnet_name(path, names)] = path
+    files = {stage: f"{stage}.onnx" for stage in STAGES}
+    files.update({f"controlnet/{name}": f"controlnet_{name}.onnx" for name in names})
+    _check_free(output, files.values(), overwrite)
     torch_dtype = DTYPES[dtype]
     pipe = sdfast.load(model, device="cpu", dtype=torch_dtype)
     nets = {}
-    for path in controlnets:
+    for name, path in names.items():
         net = sdfast.load_controlnet(path, device="cpu", dtype=torch_dtype)
         prepare_controls(Control(net, torch.zeros(1, 3, 8, 8)), pipe.unet, 8, 8, "cpu", torch_dtype)
-        nets[_controlnet_name(path, nets)] = net
+        nets[name] = net
     with_controls = bool(nets) if control_inputs is None else bool(control_inputs)
     if nets and not with_controls:
         raise SdfastError("ControlNets need the UNet's residual inputs (control_inputs=False given)")
 
-    vae = pipe.vae.float() if dtype == "fp16" else pipe.vae
-    graphs = {"text_encoder": TextEncoderGraph(pipe.text_encoder),
+    vae, text_encoder = pipe.vae.float(), pipe.text_encoder.float()     # see the docstring
+    graphs = {"text_encoder": TextEncoderGraph(text_encoder),
               "unet": UNetGraph(pipe.unet, control_inputs=with_controls),
               "vae_decoder": VAEDecoderGraph(vae), "vae_encoder": VAEEncoderGraph(vae)}
-    files = {stage: f"{stage}.onnx" for stage in graphs}
     for name, net in nets.items():
         graphs[f"controlnet/{name}"] = ControlNetGraph(net)
-        files[f"controlnet/{name}"] = f"controlnet_{name}.onnx"
-    _check_free(output, files.values(), overwrite)
 
     os.makedirs(output, exist_ok=True)
     written = {}
     for stage, graph in graphs.items():
-        graph_dtype = torch.float32 if stage.startswith("vae") else torch_dtype
+        graph_dtype = torch_dtype if stage == "unet" or stage.startswith("controlnet") else torch.float32
         threshold = 0 if stage in REFIT_STAGES else external_data_threshold
         written[stage] = _export_graph(graph, graph_dtype, os.path.join(output, files[stage]),
                                        opset, threshold)
@@ -148,6 +154,9 @@ def _export_graph(graph, dtype, path, opset, threshold):
             # which is what they are (the checks hold for every shape the graph accepts).
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", message=".*[Cc]onstant folding.*")
+            # The TorchScript exporter is chosen on purpose (module docstring).
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+            warnings.filterwarnings("ignore", message="The feature will be removed.*")
             with torch.no_grad():
                 torch.onnx.export(graph.eval(), graph.example(dtype), traced, dynamo=False,
                                   opset_version=opset, input_names=list(graph.input_names),
