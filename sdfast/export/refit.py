@@ -38,7 +38,7 @@ class RefitStack(LoraStack):
         for component in {c for c, _ in keys}:
             stage = self._stages[component]
             names = [p for c, p in keys if c == component]
-            stage.materialize(names)
+            stage.materialize(names, lora=True)
             params = dict(stage.twin.named_parameters())
             for name in names:
                 self._params[component][name] = params[name]

@@ -55,11 +55,12 @@ class Stage:
     def run(self, **feeds):
         return self.runner.run({name: value.to(self.inputs[name]) for name, value in feeds.items()})
 
-    def materialize(self, names):
-        """Give the twin's parameters `names` their real values (the graph's initializers)."""
+    def materialize(self, names, lora=False):
+        """Give the twin's parameters `names` their real values (the graph's initializers);
+        `lora`: they are about to change, which an engine built without refit cannot do."""
         params = dict(self.twin.named_parameters())
         fixed = sorted(self.fixed.intersection(names))
-        if fixed:
+        if lora and fixed:
             raise SdfastError(f"{self.name}: a LoRA changes {len(fixed)} weight(s) this engine "
                               f"cannot refit (first: {fixed[0]}); build the engines with --refit")
         todo = [n for n in names if params[n].is_meta]

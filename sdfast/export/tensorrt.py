@@ -5,8 +5,9 @@
 optimisation profile (`sdfast.export.profiles`), shares a timing cache across the stages
 (`timing.cache`, reused by later builds) and writes `manifest.json` (format "sdfast-tensorrt":
 the ONNX manifest plus each engine's profile). With `refit`, the UNet and text encoder engines
-are refittable and their base weights are kept beside them (`<stage>.weights.safetensors`,
-initializer names), so a LoRA change always refits from the base: A then B never blends.
+are refittable and the base values of their refittable weights are kept beside them
+(`<stage>.weights.safetensors`, initializer names; the manifest's `fixed` lists the weights the
+engine cannot refit), so a LoRA change always refits from the base: A then B never blends.
 
 `open_engines(folder)` gives sdfast's Pipeline over the engines (`TrtRunner`, CUDA tensors in
 and out, every request checked against the profile first).
@@ -79,13 +80,14 @@ def build_engines(onnx_dir, output, shapes, fp16=False, refit=False, overwrite=F
                      "describe": shapes.describe()}}
     for stage in REFIT_STAGES:
         graph = out["graphs"][stage]
-        kept = {}
+        refittable = set()
         if refit:
-            kept = _save_refit_weights(trt, logger, os.path.join(output, engine_file(stage)),
-                                       os.path.join(onnx_dir, graph["file"]), graph["refit"],
-                                       os.path.join(output, weights_file(stage)))
-        graph["fixed"] = sorted(set(graph["refit"]) - set(kept))
-        graph["refit"] = kept
+            engine = _deserialize(trt, logger, os.path.join(output, engine_file(stage)))
+            refittable = set(trt.Refitter(engine, logger).get_all_weights())
+        graph["fixed"] = sorted(p for p, n in graph["refit"].items() if n not in refittable)
+        _save_weights(os.path.join(onnx_dir, graph["file"]), os.path.join(output, weights_file(stage)),
+                      [n for p, n in graph["refit"].items()
+                       if n in refittable or p.endswith("token_embedding.weight")])
     mf.write(output, out)
     return out
 
@@ -133,19 +135,16 @@ def _build_one(trt, builder, logger, onnx_path, profile, fp16, refit, cache):
     return bytes(data), bytes(config.get_timing_cache().serialize())
 
 
-def _save_refit_weights(trt, logger, engine_path, onnx_path, refit_map, out_path):
-    """Keep the base values of the weights the engine can refit; returns the refit map
-    restricted to them (a LoRA touching another weight is then a clear error)."""
+def _save_weights(onnx_path, out_path, names):
+    """Keep the base values of `names` (initializers) beside the engines: the weights the
+    engine can refit (LoRA always refits from these) and the token embedding table (textual
+    inversion looks rows up in it)."""
     from safetensors.torch import save_file
 
     from .ort import OnnxInitializers
 
-    engine = _deserialize(trt, logger, engine_path)
-    refittable = set(trt.Refitter(engine, logger).get_all_weights())
-    kept = {param: name for param, name in refit_map.items() if name in refittable}
-    tensors = OnnxInitializers(onnx_path).read(list(kept.values()))
+    tensors = OnnxInitializers(onnx_path).read(names)
     save_file({k: v.contiguous() for k, v in tensors.items()}, out_path)
-    return kept
 
 
 def _deserialize(trt, logger, path):
