@@ -6,8 +6,9 @@
     pipe = sdfast.load(ENGINES, backend="tensorrt")
 
 Modules: `graphs` (the traced stages, their names and dynamic axes), `onnx_export`,
-`manifest`, `runtime` (the stages behind sdfast's Pipeline, LoRA by refit), `ort`, `profiles`
-(TensorRT shape profiles, checked without TensorRT), `tensorrt`.
+`manifest`, `runtime` (the stages behind sdfast's own Pipeline), `refit` (LoRA through the
+torch runtime's LoraStack, handed to the graphs by initializer name), `ort` (ONNX Runtime),
+`profiles` (TensorRT shape profiles and their check, no TensorRT needed), `tensorrt`, `cli`.
 """
 
 

@@ -55,6 +55,29 @@ def _require_onnx():
         raise SdfastError("onnx is not installed (pip install 'sdfast[export]')") from None
 
 
+def _controlnet_names(paths):
+    """`{graph name: path}` of the ControlNets to export (each path checked)."""
+    names = {}
+    for path in (os.fspath(p) for p in paths):
+        if not os.path.exists(path):
+            raise SdfastError(f"{path}: no such ControlNet file or folder")
+        names[_controlnet_name(path, names)] = path
+    return names
+
+
+def _load_controlnets(names, unet, dtype):
+    """Load each ControlNet, checked against the UNet as `generate` checks it."""
+    import sdfast
+    from ..addons.controlnet import Control, prepare_controls
+
+    nets = {}
+    for name, path in names.items():
+        net = sdfast.load_controlnet(path, device="cpu", dtype=dtype)
+        prepare_controls(Control(net, torch.zeros(1, 3, 8, 8)), unet, 8, 8, "cpu", dtype)
+        nets[name] = net
+    return nets
+
+
 def _controlnet_name(path, taken):
     """The ControlNet's file or folder name, made unique among `taken`."""
     base = os.path.splitext(os.path.basename(os.path.normpath(os.fspath(path))))[0] or "controlnet"
@@ -78,30 +101,19 @@ def export_onnx(model=None, output=None, opset=MIN_OPSET, dtype="fp32", controln
     `external_data_threshold` bytes keeps them in `<stage>.onnx.data` beside it.
     """
     import sdfast
-    from ..addons.controlnet import Control, prepare_controls
 
     check_options(opset, dtype)
     _require_onnx()
     if output is None:
         raise SdfastError("an output folder is required")
     output = os.fspath(output)
-    controlnets = [os.fspath(p) for p in controlnets]
-    for path in controlnets:
-        if not os.path.exists(path):
-            raise SdfastError(f"{path}: no such ControlNet file or folder")
-    names = {}
-    for path in controlnets:
-        names[_controlnet_name(path, names)] = path
+    names = _controlnet_names(controlnets)
     files = {stage: f"{stage}.onnx" for stage in STAGES}
     files.update({f"controlnet/{name}": f"controlnet_{name}.onnx" for name in names})
     _check_free(output, files.values(), overwrite)
     torch_dtype = DTYPES[dtype]
     pipe = sdfast.load(model, device="cpu", dtype=torch_dtype)
-    nets = {}
-    for name, path in names.items():
-        net = sdfast.load_controlnet(path, device="cpu", dtype=torch_dtype)
-        prepare_controls(Control(net, torch.zeros(1, 3, 8, 8)), pipe.unet, 8, 8, "cpu", torch_dtype)
-        nets[name] = net
+    nets = _load_controlnets(names, pipe.unet, torch_dtype)
     with_controls = bool(nets) if control_inputs is None else bool(control_inputs)
     if nets and not with_controls:
         raise SdfastError("ControlNets need the UNet's residual inputs (control_inputs=False given)")
