@@ -133,6 +133,29 @@ def test_a_profile_checked_pipeline_runs_inside_and_refuses_outside(manifest):
         assert "\n" not in str(err.value) and "sdfast export tensorrt" in str(err.value)
 
 
+def test_a_lora_on_weights_an_engine_cannot_refit_is_refused(manifest, tmp_path):
+    """Engines built without --refit list every weight as `fixed`: a LoRA is a clear error
+    (never a silent no-op), and the weights stay the base ones."""
+    from safetensors.torch import save_file
+
+    folder = builtin_export()
+    fixed = {**manifest, "graphs": {**manifest["graphs"]}}
+    fixed["graphs"]["unet"] = {**manifest["graphs"]["unet"],
+                               "fixed": sorted(manifest["graphs"]["unet"]["refit"])}
+    pipe = build_pipeline(folder, fixed,
+                          lambda key, spec: OrtRunner(str(folder / spec["file"]), ["CPUExecutionProvider"]),
+                          lambda stage: OnnxInitializers(str(folder / manifest["graphs"][stage]["file"])),
+                          torch.device("cpu"), "tensorrt")
+    weight = dict(pipe.unet.named_parameters())["input_blocks.1.1.proj_in.weight"]
+    path = tmp_path / "one.safetensors"
+    save_file({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.ones(2, *weight.shape[1:]),
+               "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.ones(weight.shape[0], 2, 1, 1)},
+              str(path))
+    with pytest.raises(SdfastError, match="cannot refit .*build the engines with --refit"):
+        pipe.load_lora(path)
+    assert pipe.loras == {} and pipe.refit_weights() == {}
+
+
 @pytest.mark.skipif(HAVE_TRT, reason="tensorrt is installed: the missing-tensorrt error cannot occur")
 def test_cli_without_tensorrt_exits_2(tmp_path, capsys):
     assert main(["export", "tensorrt", "--onnx", str(builtin_export()), "-o", str(tmp_path / "e")]) == 2
