@@ -280,9 +280,11 @@ def build_parser():
     _add_info(sub)
     _add_lora(sub)
     from .eval.cli import register as register_eval
+    from .export.cli import register as register_export
     from .train.cli import register as register_train
     register_eval(sub)
     register_train(sub)
+    register_export(sub)
     return parser
 
 
