@@ -12,7 +12,8 @@ from sdfast.eval.shapes_eval import RoundTrip, evaluate
 from sdfast.models.vae import AutoencoderKL, VAEConfig
 from sdfast.sampling import ModelSampling
 from sdfast.train.objectives import (FOREGROUND_THRESHOLD, VAE_SCALE, DiffusionObjective,
-                                     VAEObjective, foreground_mask, min_snr_weight)
+                                     VAEObjective, foreground_crops, foreground_mask,
+                                     min_snr_weight, pixel_weights)
 
 SPEC = ShapeSpec("circle", "red", "top left", "large", "blue")
 
@@ -32,6 +33,42 @@ def test_foreground_mask_is_the_shape():
     # more than a few percent is foreground, and no uncovered pixel is
     assert mask[cover > 0.1].all() and not mask[cover == 0].any()
     assert 0.03 < mask.mean() < 0.1                  # a large shape: ~250 of 4096 pixels
+
+
+def test_pixel_weights_mark_the_outline():
+    images = -torch.ones(1, 3, 16, 16)
+    images[:, :, 4:10, 5:12] = 1.0                              # a 6x7 white box on black
+    w = pixel_weights(images, 2.0, 10.0)[0, 0]
+    fg = torch.zeros(16, 16)
+    fg[4:10, 5:12] = 1
+    ring_out = torch.zeros(16, 16)
+    ring_out[3:11, 4:13] = 1
+    ring_in = torch.zeros(16, 16)
+    ring_in[5:9, 6:11] = 1
+    outline = ring_out - ring_in                                # one pixel either side of the edge
+    assert torch.equal(w, 1 + 2 * fg + 10 * outline)
+
+
+def test_foreground_crops_hold_the_shape():
+    specs = [SPEC, ShapeSpec("square", "green", "middle center", "small", "white")]
+    images = torch.cat([_pixels(render(specs[i % 2], np.random.default_rng(i))) for i in range(4)])
+    g = torch.Generator().manual_seed(0)
+    crops = foreground_crops(images, 32, g)
+    assert crops.shape == (4, 3, 32, 32)
+    for full, crop in zip(images, crops):
+        # the crop is a window of the image whose centre is within 8 px (+1 for rounding) of
+        # the foreground's centroid on each axis
+        where = [(y, x) for y in range(33) for x in range(33)
+                 if torch.equal(full[:, y:y + 32, x:x + 32], crop)]
+        assert where
+        ys, xs = torch.nonzero(foreground_mask(full[None])[0, 0], as_tuple=True)
+        cy, cx = float(ys.float().mean()), float(xs.float().mean())
+        assert any(abs(y + 16 - cy) <= 9 and abs(x + 16 - cx) <= 9 for y, x in where)
+        assert foreground_mask(crop[None]).sum() > 0.5 * foreground_mask(full[None]).sum()
+    again = foreground_crops(images, 32, torch.Generator().manual_seed(0))
+    assert torch.equal(crops, again)
+    with pytest.raises(ValueError, match="crop of 80 px"):
+        foreground_crops(images, 80, g)
 
 
 def test_foreground_weight_changes_only_the_weighting():
@@ -134,3 +171,7 @@ def test_loss_weightings_are_checked(tmp_path):
         train_finetune(model, config, tmp_path, "x", train_vae=True, min_snr_gamma=5.0)
     with pytest.raises(SdfastError, match="min_snr_gamma must be a positive number"):
         train_finetune(model, config, tmp_path, "x", min_snr_gamma=-1.0)
+    with pytest.raises(SdfastError, match="vae_edge_weight needs train_vae"):
+        train_finetune(model, config, tmp_path, "x", vae_edge_weight=1.0)
+    with pytest.raises(SdfastError, match="vae_crop needs train_vae"):
+        train_finetune(model, config, tmp_path, "x", vae_crop=32)

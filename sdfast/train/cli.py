@@ -87,6 +87,10 @@ def _finetune_flags(p, d):
     p.add_argument("--vae-foreground-weight", type=_number(float, 0),
                    default=d["vae_foreground_weight"],
                    help="extra VAE loss weight on pixels unlike the image's border colour")
+    p.add_argument("--vae-edge-weight", type=_number(float, 0), default=d["vae_edge_weight"],
+                   help="extra VAE loss weight on the outline of that foreground")
+    p.add_argument("--vae-crop", type=_number(int, 8), default=None,
+                   help="train the VAE on CROP x CROP windows around the foreground")
 
 
 def _lora_flags(p, d):

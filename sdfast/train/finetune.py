@@ -21,7 +21,7 @@ from ..errors import SdfastError
 from .common import SAVE_PRECISIONS, check_choice, freeze_unread, trainable_
 from .engine import (LATENT_MODES, Method, TrainResult, diffusion_objective, encode_latents,
                      latent_cache, positive, run_method)
-from .objectives import VAE_LOSSES, VAEObjective, latent_shape
+from .objectives import VAE_LOSSES, VAEObjective, foreground_crops, latent_shape
 from .run import RUN_ID_KEY
 
 
@@ -72,15 +72,20 @@ class Finetune(Method):
 
     name = "finetune"
     settings = ("text_encoder_lr", "train_text_encoder", "train_vae", "vae_loss", "kl_weight",
-                "vae_foreground_weight")
+                "vae_foreground_weight", "vae_edge_weight", "vae_crop")
 
     def check_options(self, o):
         positive("kl_weight", o["kl_weight"], float, allow_zero=True)
-        positive("vae_foreground_weight", o["vae_foreground_weight"], float, allow_zero=True)
+        for key in ("vae_foreground_weight", "vae_edge_weight"):
+            positive(key, o[key], float, allow_zero=True)
+            if o[key] and not o["train_vae"]:
+                raise SdfastError(f"{key} needs train_vae")
+        if o["vae_crop"] is not None:
+            positive("vae_crop", o["vae_crop"])
+            if not o["train_vae"]:
+                raise SdfastError("vae_crop needs train_vae")
         check_choice("vae_loss", o["vae_loss"], VAE_LOSSES)
         check_text_encoder_lr(o)
-        if o["vae_foreground_weight"] and not o["train_vae"]:
-            raise SdfastError("vae_foreground_weight needs train_vae")
         if o["train_vae"]:
             for key in ("train_text_encoder", "cache_latents", "noise_offset", "min_snr_gamma"):
                 if o[key] not in (None, False, 0):
@@ -94,7 +99,7 @@ class Finetune(Method):
     def setup(self, parts, o, device):
         if o["train_vae"]:
             objective = VAEObjective(trainable_(parts.vae), o["vae_loss"], o["kl_weight"],
-                                     o["vae_foreground_weight"])
+                                     o["vae_foreground_weight"], o["vae_edge_weight"])
             groups = [{"params": list(parts.vae.parameters()), "lr": o["learning_rate"]}]
             return objective, groups, [parts.vae]
         return unet_objective(parts, o)
@@ -106,6 +111,8 @@ class Finetune(Method):
 
         def loss(batch, inputs, generator):
             pixels = inputs["pixels"]
+            if o["vae_crop"]:
+                pixels = vae_crops(pixels, o["vae_crop"], shape, data.config.path, generator)
             eps = torch.randn(latent_shape(shape, pixels.shape[0], *pixels.shape[2:]),
                               generator=generator)
             return objective(pixels.to(device), eps.to(device))
@@ -113,6 +120,16 @@ class Finetune(Method):
 
     def saver(self, run, parts, o):
         return save_ldm(run, parts, o, "finetune-vae" if o["train_vae"] else self.name)
+
+
+def vae_crops(pixels, size, vae_config, config_path, generator):
+    """`foreground_crops` of the batch, after checking `size` suits the images and the VAE."""
+    factor = 2 ** (len(vae_config.ch_mult) - 1)
+    if size % factor or size > min(pixels.shape[2:]):
+        raise SdfastError(f"vae_crop={size}: must be a multiple of {factor} (the VAE's "
+                          f"downsampling) and at most the images' {tuple(pixels.shape[2:])} "
+                          f"({config_path})")
+    return foreground_crops(pixels, size, generator)
 
 
 def train_finetune(model, dataset_config, output_dir, output_name, *, max_train_steps=1600,
@@ -123,7 +140,7 @@ def train_finetune(model, dataset_config, output_dir, output_name, *, max_train_
                    save_precision="fp32", seed=0, resume=None, noise_offset=0.0, min_snr_gamma=None,
                    train_text_encoder=False, text_encoder_lr=None, train_vae=False,
                    vae_loss="l1", kl_weight=1e-6, vae_foreground_weight=0.0,
-                   cache_latents=False, latents="sample",
+                   vae_edge_weight=0.0, vae_crop=None, cache_latents=False, latents="sample",
                    num_workers=0, cpu=False, progress=True) -> TrainResult:
     """Fine-tune `model` on the kohya dataset config `dataset_config`; the model is written to
     `output_dir/output_name.safetensors` (see the module docstring and `sdfast.train.run`).
@@ -131,7 +148,9 @@ def train_finetune(model, dataset_config, output_dir, output_name, *, max_train_
     A step is one optimizer step over `gradient_accumulation_steps` micro-batches on every
     process. `cache_latents` encodes every image once, before training, and keeps the latents
     in memory. `latents`: the VAE posterior "sample" (default) or its "mean".
-    `min_snr_gamma` and `vae_foreground_weight`: loss weightings (`sdfast.train.objectives`).
+    `min_snr_gamma`, `vae_foreground_weight`, `vae_edge_weight`: loss weightings, `vae_crop`:
+    train the VAE on windows of that many pixels around the foreground
+    (`sdfast.train.objectives`).
     `resume`: a state folder, or an output folder whose latest state is continued.
     """
     return run_method(Finetune(), dict(locals()))

@@ -24,11 +24,16 @@ Two options for small data sets and small models:
   Strategy", kohya's `--min_snr_gamma`): each timestep's loss is weighted by
   `min(SNR(t), gamma) / SNR(t)` for eps models (`/ (SNR(t) + 1)` for v models), with
   `SNR(t) = a / (1 - a)`, so the many nearly-clean timesteps stop dominating the gradient.
-- `foreground_weight` (autoencoder): pixels whose colour differs from the image's border colour
-  (the per-channel median of the outermost pixel ring) by more than `FOREGROUND_THRESHOLD` in any
-  channel count `1 + foreground_weight` times. For images of objects on plain backgrounds, where
-  the objects are a few percent of the pixels and an unweighted loss learns the background first
-  and the objects hardly at all.
+- `foreground_weight` and `edge_weight` (autoencoder): pixels whose colour differs from the
+  image's border colour (the per-channel median of the outermost pixel ring) by more than
+  `FOREGROUND_THRESHOLD` in any channel get `foreground_weight` more weight, and pixels on the
+  outline of that foreground (within one pixel of its edge, inside or out) `edge_weight` more.
+  For images of objects on plain backgrounds, where the objects are a few percent of the pixels:
+  unweighted, the loss learns the background first and the objects hardly at all, and with the
+  foreground alone it learns their colours long before their outlines (measured on the built-in
+  model's shapes: circles, squares and triangles all came back as rounded squares).
+  `foreground_crops` cuts training windows around the foreground, so the same compute sees
+  four times the objects at a quarter of the image area.
 """
 import torch
 import torch.nn.functional as F
@@ -121,7 +126,7 @@ class VAEObjective(nn.Module):
     `eps` `[B, E, h, w]` is the standard normal draw of the posterior sample, passed in so the
     module itself holds no random state."""
 
-    def __init__(self, vae, loss="l1", kl_weight=1e-6, foreground_weight=0.0):
+    def __init__(self, vae, loss="l1", kl_weight=1e-6, foreground_weight=0.0, edge_weight=0.0):
         super().__init__()
         if loss not in VAE_LOSSES:
             raise ValueError(f"vae loss must be one of {', '.join(VAE_LOSSES)}, got {loss!r}")
@@ -129,14 +134,15 @@ class VAEObjective(nn.Module):
         self.loss = loss
         self.kl_weight = kl_weight
         self.foreground_weight = foreground_weight
+        self.edge_weight = edge_weight
 
     def forward(self, images, eps):
         posterior = self.vae.encode(images)
         z = posterior.mean + posterior.std * eps
         rec = self.vae.decode(z).float()                           # [B, 3, H, W]
         err = (rec - images.float()).abs() if self.loss == "l1" else (rec - images.float()) ** 2
-        if self.foreground_weight:
-            err = err * (1 + self.foreground_weight * foreground_mask(images.float()))
+        if self.foreground_weight or self.edge_weight:
+            err = err * pixel_weights(images.float(), self.foreground_weight, self.edge_weight)
         per_image = err.flatten(1).sum(1)
         kl = gaussian_kl(posterior.mean.float(), posterior.logvar.float())
         return ((per_image + self.kl_weight * kl) / images[0].numel()).mean()
@@ -151,6 +157,34 @@ def foreground_mask(images):
     return ((images - border).abs().amax(1, keepdim=True) > FOREGROUND_THRESHOLD).float()
 
 
+def pixel_weights(images, foreground_weight, edge_weight):
+    """`[B, 1, H, W]` loss weights: 1, plus `foreground_weight` on the foreground, plus
+    `edge_weight` on its outline (dilated minus eroded mask, 3x3)."""
+    fg = foreground_mask(images)
+    outline = F.max_pool2d(fg, 3, 1, 1) + F.max_pool2d(-fg, 3, 1, 1)    # dilated - eroded
+    return 1 + foreground_weight * fg + edge_weight * outline
+
+
+def foreground_crops(images, size, generator):
+    """`[B, 3, size, size]` windows of `images` `[B, 3, H, W]`, each centred on its image's
+    foreground (the centroid of `foreground_mask`; the image centre when there is none) moved by
+    a uniform offset of up to `size // 4` on each axis (drawn from `generator`), kept inside
+    the image."""
+    b, _, h, w = images.shape
+    if size > min(h, w):
+        raise ValueError(f"crop of {size} px from {h}x{w} images")
+    mask = foreground_mask(images)[:, 0]                                  # [B, H, W]
+    jitter = torch.randint(-(size // 4), size // 4 + 1, (b, 2), generator=generator)
+    crops = []
+    for i in range(b):
+        ys, xs = torch.nonzero(mask[i], as_tuple=True)
+        cy, cx = (ys.float().mean(), xs.float().mean()) if len(ys) else (h / 2, w / 2)
+        top = min(max(int(cy - size / 2) + int(jitter[i, 0]), 0), h - size)
+        left = min(max(int(cx - size / 2) + int(jitter[i, 1]), 0), w - size)
+        crops.append(images[i, :, top:top + size, left:left + size])
+    return torch.stack(crops)
+
+
 def latent_shape(vae_config, batch, height, width):
     """Shape of the latents of `batch` images of `height x width` pixels."""
     factor = 2 ** (len(vae_config.ch_mult) - 1)
@@ -159,4 +193,5 @@ def latent_shape(vae_config, batch, height, width):
 
 __all__ = ["VAE_SCALE", "VAE_LOSSES", "noisy_latents", "diffusion_target", "DiffusionObjective",
            "gaussian_kl", "VAEObjective", "latent_shape", "min_snr_weight", "foreground_mask",
+           "pixel_weights", "foreground_crops",
            "FOREGROUND_THRESHOLD"]
