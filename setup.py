@@ -79,7 +79,11 @@ setup(
             "scipy",
             "torchsde",
             "triton>=3.9; platform_system == 'Linux'",
+            "onnx>=1.16",
+            "onnxruntime>=1.18",
         ],
+        # `sdfast export onnx` and the onnxruntime backend (TensorRT: pip install tensorrt)
+        "export": ["onnx>=1.16", "onnxruntime>=1.18"],
     },
     ext_modules=[CMakeExtension("sdfast._C")],
     cmdclass={"build_ext": CMakeBuild},

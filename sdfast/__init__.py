@@ -19,14 +19,23 @@ def _default_device(device):
     return torch.device(device)
 
 
-def load(path=None, device=None, dtype=None, prediction=None):
+def load(path=None, device=None, dtype=None, prediction=None, backend="torch"):
     """Load a Stable Diffusion 1.x / 2.x model into a ready `Pipeline`.
 
     `path`: an LDM single file (.safetensors; .ckpt/.pt read with weights_only=True) or a
     diffusers folder; None loads sdfast's built-in model. `device` defaults to CUDA when present, else the CPU; `dtype` to float16
     on CUDA and float32 on the CPU. `prediction` ("eps" or "v") overrides detection.
+
+    `backend="onnxruntime"` / `"tensorrt"` loads a folder written by `sdfast export onnx` /
+    `sdfast export tensorrt` into the same Pipeline API (sdfast.export); the graphs' dtype is
+    the one they were exported in.
     """
     import torch
+
+    if backend != "torch":
+        from .export.runtime import load_exported
+
+        return load_exported(path, backend, device=device, dtype=dtype, prediction=prediction)
 
     from .builtin import resolve_model
     from .io.load import load_components

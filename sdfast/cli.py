@@ -45,7 +45,9 @@ def _add_generate(sub):
     p = sub.add_parser("generate", help="text-to-image, image-to-image and inpainting")
     p.add_argument("--model", help="checkpoint file or diffusers folder (default: the "
                    "built-in model)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt")
+    p.add_argument("--prompts-file", help="one prompt per line; OUT-00000.png, ... (sharded "
+                   "across processes under torchrun / accelerate launch; prompt i: seed + i)")
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("-W", "--width", type=_positive_multiple_of_8,
                    help="default: the model's native size (64 for the built-in model, 512 for "
@@ -99,10 +101,13 @@ def _check_readable(path, what):
 
 def _generate(args):
     from . import load
-    from .io.png import a1111_parameters, free_paths, save_png
+    from .io.png import free_paths
     from .builtin import resolve_model
     from .pipeline import check_request
+    from .prompts_file import my_prompts, process_device, read_prompts
 
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise SdfastError("one of --prompt and --prompts-file is required (not both)")
     check_request(args.width or 8, args.height or 8, args.steps, args.sampler, args.scheduler, args.batch,
                   args.strength if args.init_image else 1.0, mask=args.mask,
                   init_image=args.init_image)
@@ -118,6 +123,11 @@ def _generate(args):
         _check_readable(path, "embedding file")
     if args.embeddings_dir is not None and not os.path.isdir(args.embeddings_dir):
         raise SdfastError(f"{args.embeddings_dir}: no such embeddings folder")
+    jobs = None
+    if args.prompts_file is not None:
+        jobs = my_prompts(read_prompts(args.prompts_file), args.output, args.batch,
+                          args.overwrite)
+        args.device = process_device(args.device)
     pipe = load(args.model, device=args.device)
     for path, strength, strength_clip in loras:
         pipe.load_lora(path, strength, strength_clip)
@@ -137,25 +147,35 @@ def _generate(args):
         controls = built
     args.width = args.width or pipe.native_size[0]
     args.height = args.height or pipe.native_size[1]
+    if jobs is None:
+        _render(pipe, args, controls, args.prompt, args.seed,
+                free_paths(args.output, args.batch, overwrite=args.overwrite))
+    for index, prompt, paths in jobs or ():
+        _render(pipe, args, controls, prompt, args.seed + index, paths)
+    return 0
+
+
+def _render(pipe, args, controls, prompt, seed, paths):
+    """Generate `prompt` with `seed` and the other options of `args`; save to `paths`."""
+    from .io.png import a1111_parameters, save_png
+
     images = pipe.generate(
-        args.prompt, args.negative, width=args.width, height=args.height, steps=args.steps,
-        cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, seed=args.seed,
+        prompt, args.negative, width=args.width, height=args.height, steps=args.steps,
+        cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, seed=seed,
         batch_size=args.batch, init_image=args.init_image, strength=args.strength,
         mask=args.mask, clip_skip=args.clip_skip, weighting=args.weighting,
         progress=not args.quiet, control=controls or None)
-    paths = free_paths(args.output, len(images), overwrite=args.overwrite)
     name = os.path.splitext(os.path.basename(os.path.normpath(args.model)))[0]
     for index, (image, path) in enumerate(zip(images, paths)):
         params = a1111_parameters(
-            args.prompt, args.negative, steps=args.steps, sampler=args.sampler,
-            scheduler=args.scheduler, cfg=args.cfg, seed=args.seed, width=args.width,
+            prompt, args.negative, steps=args.steps, sampler=args.sampler,
+            scheduler=args.scheduler, cfg=args.cfg, seed=seed, width=args.width,
             height=args.height, model_hash=pipe.model_hash, model_name=name,
             clip_skip=args.clip_skip, strength=args.strength if args.init_image else None)
         if len(images) > 1:
             params += f", Batch size: {len(images)}, Batch pos: {index}"
         save_png(image, path, params, overwrite=args.overwrite)
         print(path)
-    return 0
 
 
 def _control_groups(args):
@@ -267,9 +287,11 @@ def build_parser():
     _add_lora(sub)
     from .bench.cli import register as register_bench
     from .eval.cli import register as register_eval
+    from .export.cli import register as register_export
     from .train.cli import register as register_train
     register_eval(sub)
     register_train(sub)
+    register_export(sub)
     register_bench(sub)
     return parser
 

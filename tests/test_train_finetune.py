@@ -13,14 +13,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import sdfast
-import sdfast.train.loop
+from _train_fixtures import interrupt_at, one_thread, tiny_models  # noqa: F401
 from sdfast.data.shapes import write_dataset
 from sdfast.errors import SdfastError
 from sdfast.io.load import load_components
 from sdfast.io.save import save_checkpoint
-from sdfast.models.clip import CLIPTextConfig, CLIPTextModel
-from sdfast.models.unet import UNetConfig, UNetModel
-from sdfast.models.vae import AutoencoderKL, VAEConfig
 from sdfast.sampling import ModelSampling
 from sdfast.text import get_tokenizer
 from sdfast.train import train_finetune
@@ -35,24 +32,6 @@ from sdfast.train.run import RUN_ID_KEY
 N_IMAGES = 16
 STEPS = 20
 FAST = dict(learning_rate=2e-3, cache_latents=True, progress=False, seed=7)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two shared cores: one intra-op thread avoids oversubscription (7x faster here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_models(seed=0):
-    torch.manual_seed(seed)
-    unet = UNetModel(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                                attention_levels=(0, 1), context_dim=64, head_dim=32))
-    vae = AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1))
-    text = CLIPTextModel(CLIPTextConfig(width=64, layers=2, heads=1, mlp_width=128))
-    return unet, vae, text
 
 
 @pytest.fixture(scope="module")
@@ -156,16 +135,6 @@ def test_run_files(base, run_a):
 
 
 # ---------------------------------------------------------------------------- resume
-def interrupt_at(monkeypatch, step):
-    real = sdfast.train.loop.step_generator
-
-    def fake(seed, at, micro, rank):
-        if at == step:
-            raise KeyboardInterrupt
-        return real(seed, at, micro, rank)
-    monkeypatch.setattr(sdfast.train.loop, "step_generator", fake)
-
-
 def test_resume_equals_uninterrupted(base, run_a, monkeypatch):
     args = (base / "tiny.safetensors", base / "data.toml", base / "b", "tuned")
     interrupt_at(monkeypatch, 12)                 # dies in step 13, after the save at step 10

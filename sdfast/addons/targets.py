@@ -58,20 +58,16 @@ def _diffusers_unet_modules(unet):
     return names
 
 
-def unet_targets(unet):
-    """`{module name: Target}` for every conv/linear weight of an `sdfast.models.unet.UNetModel`,
-    under its diffusers path, its kohya name (both conventions) and its LDM path."""
+def unet_diffusers_names(unet):
+    """`{LDM weight name: diffusers module path}` for every conv/linear weight of an
+    `sdfast.models.unet.UNetModel` that has a diffusers spelling (the names kohya's LoRA
+    modules are built from: `lora_unet_` + the path with `_` for `.`)."""
     cfg = unet.config
     params = {name for name, p in unet.named_parameters() if name.endswith(_SUFFIX) and p.dim() >= 2}
     levels = len(cfg.channel_mult)
     attn_up = {levels - 1 - lv for lv in cfg.attention_levels}
     rules = _unet_rules(cfg.num_res_blocks, attn_up)
     out = {}
-    for ldm in params:
-        module = ldm[: -len(_SUFFIX)]
-        target = Target("unet", ldm)
-        out[module] = target
-        out["lora_unet_" + _kohya(module)] = target
     for module in _diffusers_unet_modules(unet):
         key = module + _SUFFIX
         for pattern, fn in rules:
@@ -79,10 +75,21 @@ def unet_targets(unet):
             if m:
                 ldm = fn(m)
                 if ldm in params:
-                    target = Target("unet", ldm)
-                    out[module] = target
-                    out["lora_unet_" + _kohya(module)] = target
+                    out[ldm] = module
                 break
+    return out
+
+
+def unet_targets(unet):
+    """`{module name: Target}` for every conv/linear weight of an `sdfast.models.unet.UNetModel`,
+    under its diffusers path, its kohya name (both conventions) and its LDM path."""
+    out = {}
+    for ldm, p in unet.named_parameters():
+        if ldm.endswith(_SUFFIX) and p.dim() >= 2:
+            module = ldm[: -len(_SUFFIX)]
+            out[module] = out["lora_unet_" + _kohya(module)] = Target("unet", ldm)
+    for ldm, module in unet_diffusers_names(unet).items():
+        out[module] = out["lora_unet_" + _kohya(module)] = Target("unet", ldm)
     return out
 
 
@@ -125,4 +132,24 @@ def text_targets(text_encoder):
     return out
 
 
-__all__ = ["Target", "unet_targets", "text_targets"]
+def text_hf_names(text_encoder):
+    """`[(transformers module path, Target)]` of the text encoder's attention and MLP linears
+    (`text_model.encoder.layers.N.self_attn.q_proj`, ...), in layer order, for the layers the
+    encoder runs (SD2 files hold one more that SD never uses), as kohya and diffusers name them."""
+    skip = getattr(text_encoder.config, "skip_last_layers", 0)
+    runs = text_encoder.config.layers - skip
+    out = []
+    for name, target in text_targets(text_encoder).items():
+        m = _HF_LAYER.fullmatch(name)
+        if m and int(m[1]) < runs:
+            out.append((name, target))
+    return sorted(out, key=lambda pair: (int(_HF_LAYER.fullmatch(pair[0])[1]), pair[0]))
+
+
+def kohya_name(component, module):
+    """kohya's LoRA module name: `lora_unet_` / `lora_te_` + the module path, `.` as `_`."""
+    return ("lora_unet_" if component == "unet" else "lora_te_") + _kohya(module)
+
+
+__all__ = ["Target", "unet_targets", "text_targets", "unet_diffusers_names", "text_hf_names",
+           "kohya_name"]

@@ -120,6 +120,36 @@ def evaluate(pipe, n=200, seed=0, steps=20, cfg=5.0, sampler="euler", scheduler=
     return _summary(rows, settings)
 
 
+class RoundTrip:
+    """A stand-in for a pipeline whose "generated" image is the ground truth: the prompt's
+    scene drawn by `sdfast.data.shapes.render` (jitter seeded by the image's seed), passed
+    through `vae` (encode, posterior mean, decode) when one is given. `evaluate(RoundTrip(vae))`
+    is the ceiling any diffusion model decoding through `vae` can reach on these prompts;
+    `evaluate(RoundTrip())` is the analyser's own accuracy on the generator's images."""
+
+    source = None
+
+    def __init__(self, vae=None):
+        self.vae = vae
+
+    def generate(self, prompt, negative="", *, seed, batch_size=1, output="pil", **_settings):
+        import torch
+        from PIL import Image
+
+        from ..data.shapes import render
+        from .analyser import parse_caption
+
+        image = render(parse_caption(prompt), np.random.default_rng(seed))
+        if self.vae is None:
+            return [image]
+        param = next(self.vae.parameters())
+        x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]   # [1, 3, H, W] uint8
+        with torch.no_grad():
+            y = self.vae.decode(self.vae.encode(x.to(param) / 127.5 - 1).mean)
+        pixels = ((y[0].float().clamp(-1, 1) + 1) * 127.5).round().byte()
+        return [Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())]    # [H, W, 3] uint8
+
+
 def _source(pipe):
     source = getattr(pipe, "source", None)
     return None if source is None else str(source)

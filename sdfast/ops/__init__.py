@@ -5,6 +5,11 @@ rules for every backend), then runs the torch.library custom op `torch.ops.sdfas
 whose registry (sdfast.ops.registry) picks the backend: `reference` (pure torch, always),
 `cpu` (csrc/cpu via sdfast._C), `triton` (kernels/), `cuda` (csrc/cuda via sdfast._C_cuda).
 
+While `torch.onnx.export` traces a model (`sdfast.export`), `group_norm` and `attention` run
+their pure-torch reference inline instead of the custom op, so the exported graph holds standard
+ONNX operators rather than opaque `sdfast::` nodes; the reference is the definition of correct,
+so the graph computes what every backend computes.
+
 Force a backend with the `backend=` argument, `with use_backend("cpu"):` or the environment
 variable SDFAST_BACKEND (`cpu`, or per op: `attention=cpu,group_norm=reference`); forcing a
 backend that is not available here, or that cannot run the arguments, raises SdfastError.
@@ -27,6 +32,11 @@ def _backend_arg(backend):
     return backend or ""
 
 
+def _exporting():
+    """True while torch.onnx traces a model (see the module docstring)."""
+    return torch.onnx.is_in_onnx_export()
+
+
 def group_norm(x, num_groups, weight, bias, eps=1e-5, silu=False, add=None, backend=None):
     """GroupNorm over `[B, C, *]` (contiguous or channels-last), optionally with `add`
     (`[B, C]`, or `[B, C, 1, 1]`) added before the norm and SiLU applied after it."""
@@ -43,6 +53,8 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, silu=False, add=None, back
                 or any(n != 1 for n in add.shape[2:])):
             raise SdfastError(f"group_norm: add has shape {tuple(add.shape)}, expected "
                               f"[{x.shape[0]}, {c}] (trailing 1s allowed)")
+    if _exporting():
+        return group_norm_ref(x, int(num_groups), weight, bias, float(eps), bool(silu), add)
     return torch.ops.sdfast.group_norm(x, int(num_groups), weight, bias, float(eps), bool(silu),
                                        add, _backend_arg(backend))
 
@@ -59,6 +71,8 @@ def attention(q, k, v, backend=None):
     if q.shape[:2] != k.shape[:2]:
         raise SdfastError(f"attention: q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch "
                           "or heads")
+    if _exporting():
+        return attention_ref(q, k, v)
     return torch.ops.sdfast.attention(q, k, v, _backend_arg(backend))
 
 

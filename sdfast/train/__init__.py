@@ -1,15 +1,22 @@
-"""sdfast's training module: fine-tuning (and, later, LoRA, textual inversion, DreamBooth and
-ControlNet) on HF accelerate, with datasets described in kohya's TOML format.
+"""sdfast's training module: fine-tuning, LoRA, textual inversion, DreamBooth and ControlNet on
+HF accelerate, with datasets described in kohya's TOML format.
 
-    from sdfast.train import train_finetune
-    result = train_finetune("model.safetensors", "data.toml", "out", "tuned",
-                            max_train_steps=1000, learning_rate=1e-4)
-    result.output      # out/tuned.safetensors
+    from sdfast.train import train_finetune, train_lora
+    result = train_lora("model.safetensors", "data.toml", "out", "style",
+                        max_train_steps=1000, network_dim=8, network_alpha=4)
+    result.output      # out/style.safetensors (a kohya LoRA)
 
-Command line: `sdfast train finetune ...` or `python -m sdfast.train finetune ...`.
+Command line: `sdfast train METHOD ...` or `python -m sdfast.train METHOD ...`, METHOD one of
+finetune, lora, textual-inversion, dreambooth, controlnet.
 """
 from .config import DataConfig, DatasetConfig, SubsetConfig, load_dataset_config
-from .finetune import TrainResult, train_finetune
+from .engine import TrainResult
+from .controlnet import train_controlnet
+from .dreambooth import train_dreambooth
+from .finetune import train_finetune
+from .lora import train_lora
+from .textual_inversion import train_textual_inversion
 
-__all__ = ["train_finetune", "TrainResult", "load_dataset_config", "DataConfig", "DatasetConfig",
-           "SubsetConfig"]
+__all__ = ["train_finetune", "train_lora", "train_textual_inversion", "train_dreambooth",
+           "train_controlnet", "TrainResult", "load_dataset_config", "DataConfig",
+           "DatasetConfig", "SubsetConfig"]

@@ -1,16 +1,20 @@
-"""`sdfast train finetune ...` and `python -m sdfast.train finetune ...`: argparse wiring.
+"""`sdfast train METHOD ...` and `python -m sdfast.train METHOD ...`: argparse wiring.
 
 `register(subparsers)` adds the `train` command to sdfast's parser; `main(argv)` is the
-stand-alone entry point (also for `accelerate launch -m sdfast.train finetune ...`). Flags are
-the keyword arguments of `train_finetune` with dashes; their defaults are read from it.
+stand-alone entry point (also for `accelerate launch -m sdfast.train METHOD ...` and
+`torchrun -m sdfast.train ...`). Every method shares the common flags; flags are the keyword
+arguments of its `train_*` function with dashes, and their defaults are read from it.
 """
 import argparse
+import importlib
 import inspect
 import os
 
 from ..cli import _Parser
 from ..errors import SdfastError
 from .common import LR_SCHEDULERS, MIXED_PRECISIONS, OPTIMIZERS, SAVE_PRECISIONS
+
+_POSITIONAL = ("model", "dataset_config", "output_dir", "output_name")
 
 
 def _number(kind, low, inclusive=True):
@@ -26,17 +30,12 @@ def _number(kind, low, inclusive=True):
     return parse
 
 
-def _finetune_defaults():
-    from .finetune import train_finetune
-
-    return {name: p.default for name, p in inspect.signature(train_finetune).parameters.items()
+def _defaults(function):
+    return {name: p.default for name, p in inspect.signature(function).parameters.items()
             if p.default is not inspect.Parameter.empty}
 
 
-def add_finetune_parser(sub):
-    """The `finetune` sub-command on an argparse sub-parsers object."""
-    d = _finetune_defaults()
-    p = sub.add_parser("finetune", help="fine-tune the UNet (+ text encoder), or train the VAE")
+def _add_common(p, d):
     p.add_argument("--model", required=True, help="checkpoint file or diffusers folder")
     p.add_argument("--dataset-config", required=True, help="kohya dataset config (.toml)")
     p.add_argument("--output-dir", required=True)
@@ -58,11 +57,8 @@ def add_finetune_parser(sub):
     p.add_argument("--seed", type=_number(int, 0), default=d["seed"])
     p.add_argument("--resume", default=None, help="state folder, or output folder to continue")
     p.add_argument("--noise-offset", type=_number(float, 0), default=d["noise_offset"])
-    p.add_argument("--train-text-encoder", action="store_true")
-    p.add_argument("--text-encoder-lr", type=_number(float, 0, False), default=None)
-    p.add_argument("--train-vae", action="store_true", help="train only the VAE (autoencoder)")
-    p.add_argument("--vae-loss", choices=("l1", "mse"), default=d["vae_loss"])
-    p.add_argument("--kl-weight", type=_number(float, 0), default=d["kl_weight"])
+    p.add_argument("--min-snr-gamma", type=_number(float, 0, False), default=None,
+                   help="Min-SNR loss weighting (5 is the paper's value)")
     p.add_argument("--cache-latents", action="store_true",
                    help="encode every image once, keep the latents in memory")
     p.add_argument("--latents", choices=("sample", "mean"), default=d["latents"],
@@ -71,30 +67,124 @@ def add_finetune_parser(sub):
                    help="data loader worker processes")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even with a GPU")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_finetune)
+
+
+def _text_encoder_flags(p, d):
+    p.add_argument("--train-text-encoder", action="store_true")
+    p.add_argument("--text-encoder-lr", type=_number(float, 0, False), default=None)
+
+
+def _prior_flag(p, d):
+    p.add_argument("--prior-loss-weight", type=_number(float, 0), default=d["prior_loss_weight"],
+                   help="loss weight of the is_reg (class) images")
+
+
+def _finetune_flags(p, d):
+    _text_encoder_flags(p, d)
+    p.add_argument("--train-vae", action="store_true", help="train only the VAE (autoencoder)")
+    p.add_argument("--vae-loss", choices=("l1", "mse"), default=d["vae_loss"])
+    p.add_argument("--kl-weight", type=_number(float, 0), default=d["kl_weight"])
+    p.add_argument("--vae-foreground-weight", type=_number(float, 0),
+                   default=d["vae_foreground_weight"],
+                   help="extra VAE loss weight on pixels unlike the image's border colour")
+    p.add_argument("--vae-edge-weight", type=_number(float, 0), default=d["vae_edge_weight"],
+                   help="extra VAE loss weight on the outline of that foreground")
+    p.add_argument("--vae-crop", type=_number(int, 8), default=None,
+                   help="train the VAE on CROP x CROP windows around the foreground")
+
+
+def _lora_flags(p, d):
+    p.add_argument("--network-dim", type=_number(int, 1), default=d["network_dim"],
+                   help="LoRA rank")
+    p.add_argument("--network-alpha", type=_number(float, 0, False), default=d["network_alpha"],
+                   help="LoRA alpha (scale alpha / rank)")
+    p.add_argument("--conv-dim", type=_number(int, 1), default=None,
+                   help="LoCon: rank of the res-block 3x3 convs (default: none)")
+    p.add_argument("--conv-alpha", type=_number(float, 0, False), default=d["conv_alpha"])
+    p.add_argument("--unet-lr", type=_number(float, 0, False), default=None)
+    p.add_argument("--text-encoder-lr", type=_number(float, 0, False), default=None)
+    p.add_argument("--network-train-unet-only", action="store_true")
+    p.add_argument("--network-train-text-encoder-only", action="store_true")
+    _prior_flag(p, d)
+    p.add_argument("--training-comment", default=None, help="stored as ss_training_comment")
+
+
+def _textual_inversion_flags(p, d):
+    p.add_argument("--token-string", required=True, help="the new word (must be in captions)")
+    p.add_argument("--init-word", default=d["init_word"], help="start from this word's tokens")
+    p.add_argument("--num-vectors-per-token", type=_number(int, 1),
+                   default=d["num_vectors_per_token"])
+
+
+def _dreambooth_flags(p, d):
+    _prior_flag(p, d)
+    p.add_argument("--num-class-images", type=_number(int, 0), default=d["num_class_images"],
+                   help="fill is_reg folders to this many images with the model's own")
+    p.add_argument("--class-sample-steps", type=_number(int, 1), default=d["class_sample_steps"])
+    _text_encoder_flags(p, d)
+
+
+# name: (module, function, help, method-specific flags)
+METHODS = {
+    "finetune": ("finetune", "train_finetune",
+                 "fine-tune the UNet (+ text encoder), or train the VAE", _finetune_flags),
+    "lora": ("lora", "train_lora", "train a LoRA / LoCon (kohya format)", _lora_flags),
+    "textual-inversion": ("textual_inversion", "train_textual_inversion",
+                          "learn an embedding for a new word", _textual_inversion_flags),
+    "dreambooth": ("dreambooth", "train_dreambooth",
+                   "DreamBooth with prior preservation (class images)", _dreambooth_flags),
+    "controlnet": ("controlnet", "train_controlnet", "train a ControlNet for a frozen model",
+                   lambda p, d: None),
+}
+
+
+def _function(method):
+    module, name = METHODS[method][:2]
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+
+
+def add_method_parser(sub, method):
+    """The `method` sub-command (a key of METHODS) on an argparse sub-parsers object."""
+    _, _, help_text, extra = METHODS[method]
+    d = _defaults(_function(method))
+    p = sub.add_parser(method, help=help_text)
+    _add_common(p, d)
+    extra(p, d)
+    p.set_defaults(func=_run, method=method)
     return p
 
 
-def _finetune(args):
-    from .finetune import train_finetune
+def add_finetune_parser(sub):
+    """The `finetune` sub-command on an argparse sub-parsers object."""
+    return add_method_parser(sub, "finetune")
 
-    kwargs = {name: getattr(args, name) for name in _finetune_defaults() if hasattr(args, name)}
+
+def _run(args):
+    function = _function(args.method)
+    names = [n for n in inspect.signature(function).parameters
+             if n not in _POSITIONAL and n != "progress"]
+    kwargs = {name: getattr(args, name) for name in names if hasattr(args, name)}
     kwargs["progress"] = not args.quiet
-    result = train_finetune(args.model, args.dataset_config, args.output_dir, args.output_name,
-                            **kwargs)
-    if os.environ.get("RANK", "0") == "0":         # one line, also under torchrun/accelerate
-        print(result.output)
+    result = function(*(getattr(args, name) for name in _POSITIONAL), **kwargs)
+    if os.environ.get("RANK", "0") == "0":         # one line each, also under torchrun
+        for path in result.outputs:
+            print(path)
     return 0
 
 
 def _no_method(args):
-    raise SdfastError("train: a method is required: finetune")
+    raise SdfastError("train: a method is required: " + ", ".join(METHODS))
+
+
+def _add_methods(sub):
+    for method in METHODS:
+        add_method_parser(sub, method)
 
 
 def register(subparsers):
-    """Add `train` (with its `finetune` sub-command) to sdfast's sub-parsers."""
-    p = subparsers.add_parser("train", help="train: finetune (LoRA, DreamBooth, ... to come)")
-    add_finetune_parser(p.add_subparsers(dest="method", parser_class=_Parser))
+    """Add `train` (with its method sub-commands) to sdfast's sub-parsers."""
+    p = subparsers.add_parser("train", help="train: " + ", ".join(METHODS))
+    _add_methods(p.add_subparsers(dest="method", parser_class=_Parser))
     p.set_defaults(func=_no_method)
     return p
 
@@ -104,8 +194,8 @@ def main(argv=None):
     from ..cli import run_parser
 
     parser = _Parser(prog="python -m sdfast.train", description="Train Stable Diffusion models.")
-    add_finetune_parser(parser.add_subparsers(dest="method", parser_class=_Parser))
+    _add_methods(parser.add_subparsers(dest="method", parser_class=_Parser))
     return run_parser(parser, argv, what="method")
 
 
-__all__ = ["register", "add_finetune_parser", "main"]
+__all__ = ["register", "add_method_parser", "add_finetune_parser", "main", "METHODS"]

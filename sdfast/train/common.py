@@ -62,6 +62,20 @@ def trainable_(module):
     return module.requires_grad_(True).train()
 
 
+def freeze_unread(text_encoder):
+    """Turn gradients off for the text-encoder weights its forward never reads: the blocks after
+    the output layer (SD2 files keep one more than SD runs), `text_projection` and `logit_scale`.
+    They would get no gradient, which multi-process (DDP) training refuses. Returns the module."""
+    skip = getattr(text_encoder.config, "skip_last_layers", 0)
+    unread = list(text_encoder.transformer.resblocks[len(text_encoder.transformer.resblocks)
+                                                     - skip:].parameters()) if skip else []
+    unread += [getattr(text_encoder, name) for name in ("text_projection", "logit_scale")
+               if isinstance(getattr(text_encoder, name, None), torch.nn.Parameter)]
+    for param in unread:
+        param.requires_grad_(False)
+    return text_encoder
+
+
 def build_optimizer(name, param_groups, weight_decay, is_cuda, log=print):
     """`(optimizer, name actually used)`. `adamw8bit-if-available` is bitsandbytes' AdamW8bit
     when it is installed and the parameters are on CUDA, else torch's AdamW (said in `log`)."""
@@ -112,10 +126,13 @@ def seeded_generator(*words):
     return torch.Generator("cpu").manual_seed((int(state[0]) << 31) ^ int(state[1]))
 
 
-def step_generator(seed, step, micro, rank):
+def step_generator(seed, step, index):
     """The generator of one micro-batch: a pure function of its coordinates, so a resumed run
-    draws the same noise and timesteps as an uninterrupted one."""
-    return seeded_generator(0, seed, step, micro, rank)
+    draws the same noise and timesteps as an uninterrupted one. `index` is the micro-batch's
+    place in the global step (`micro * num_processes + rank`), so n processes with accumulation
+    k draw what one process with accumulation n * k draws. (The trailing 0 keeps the streams of
+    runs made before the index was global.)"""
+    return seeded_generator(0, seed, step, index, 0)
 
 
 def enable_gradient_checkpointing(module):
@@ -140,5 +157,6 @@ def enable_gradient_checkpointing(module):
 
 
 __all__ = ["OPTIMIZERS", "LR_SCHEDULERS", "MIXED_PRECISIONS", "SAVE_PRECISIONS", "check_choice",
-           "make_accelerator", "trainable_", "build_optimizer", "lr_factor", "build_lr_scheduler",
-           "seeded_generator", "step_generator", "enable_gradient_checkpointing"]
+           "make_accelerator", "trainable_", "freeze_unread", "build_optimizer", "lr_factor",
+           "build_lr_scheduler", "seeded_generator", "step_generator",
+           "enable_gradient_checkpointing"]

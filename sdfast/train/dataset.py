@@ -8,9 +8,14 @@ None (fine for VAE training; a text-conditioned method refuses it).
 The batch order is a pure function of `(seed, epoch)`: each dataset's images (repeated
 `num_repeats` times) are grouped by bucket and shuffled, cut into batches of the dataset's
 `batch_size` (the last batch of a bucket may be smaller), and all batches are shuffled together.
+Regularisation images (`is_reg` subsets, DreamBooth's class images) do not form batches of their
+own: each batch of instance images gets as many class images appended, taken in turn from a
+per-epoch shuffle of the class images of the same bucket (of all class images when its bucket
+has none; they are then fitted to the batch's bucket), so every batch holds both kinds.
 With several processes, each epoch's batch list is cut to a multiple of the process count and
 process `r` takes batches `r, r + n, ...`. Caption shuffling and dropout use a generator seeded
-by `(seed, epoch, batch, slot)`. A run can therefore restart at any step with no saved state.
+by `(seed, epoch, batch, slot)`, with `batch` the index in the epoch's whole batch list, so n
+processes see what one process sees. A run can therefore restart at any step with no saved state.
 """
 from __future__ import annotations
 
@@ -43,7 +48,7 @@ class MicroBatch:
     """Which items one forward/backward pass uses, and where it sits in the run."""
 
     epoch: int
-    number: int                     # index within this process's batches of the epoch
+    number: int                     # index in the epoch's batch list (over all processes)
     indices: tuple[int, ...]
 
 
@@ -130,6 +135,11 @@ class TrainData:
     def __len__(self):
         return len(self.items)
 
+    @property
+    def has_reg(self):
+        """Whether any image comes from an `is_reg` subset."""
+        return any(item.subset.is_reg for item in self.items)
+
     def check_captions(self):
         """Refuse images without a caption (methods that condition on text call this)."""
         missing = [item.image for item in self.items if item.caption is None]
@@ -137,20 +147,44 @@ class TrainData:
             raise SdfastError(f"{missing[0]}: no caption (no caption file, metadata entry or "
                               f"class_tokens); {len(missing)} image(s) lack one")
 
+    def _by_bucket(self, keep):
+        """`{size: [item index, repeated num_repeats times]}` of the items `keep` accepts."""
+        by_bucket = {}
+        for index, (item, repeats) in enumerate(zip(self.items, self._repeats)):
+            if keep(item):
+                by_bucket.setdefault(item.size, []).extend([index] * repeats)
+        return by_bucket
+
     def epoch_batches(self, seed, epoch):
         """All batches of `epoch` (lists of item indices), in training order."""
         rng = np.random.default_rng([seed, epoch, 0])
         batches = []
         for d, dataset in enumerate(self.config.datasets):
-            by_bucket = {}
-            for index, (item, repeats) in enumerate(zip(self.items, self._repeats)):
-                if item.dataset == d:
-                    by_bucket.setdefault(item.size, []).extend([index] * repeats)
+            by_bucket = self._by_bucket(lambda item: item.dataset == d and not item.subset.is_reg)
             for size in sorted(by_bucket):
                 order = rng.permutation(by_bucket[size]).tolist()
                 batches += [order[i:i + dataset.batch_size]
                             for i in range(0, len(order), dataset.batch_size)]
-        return [batches[i] for i in rng.permutation(len(batches))]
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+        if self.has_reg:
+            batches = self._add_class_images(batches, np.random.default_rng([seed, epoch, 2]))
+        return batches
+
+    def _add_class_images(self, batches, rng):
+        """Append to each batch as many class images as it has instance images (module
+        docstring): from the batch's bucket when it has class images, else from all."""
+        pools = {size: rng.permutation(indices).tolist()
+                 for size, indices in sorted(self._by_bucket(lambda i: i.subset.is_reg).items())}
+        pools[None] = rng.permutation(sorted(i for p in pools.values() for i in p)).tolist()
+        taken = dict.fromkeys(pools, 0)
+        out = []
+        for batch in batches:
+            size = self.items[batch[0]].size
+            key = size if size in pools else None
+            pool, start = pools[key], taken[key]
+            out.append(batch + [pool[(start + k) % len(pool)] for k in range(len(batch))])
+            taken[key] = start + len(batch)
+        return out
 
     def process_batches(self, seed, epoch, rank=0, world=1):
         """This process's share of `epoch_batches` (see module docstring)."""
@@ -168,7 +202,7 @@ class TrainData:
         out = []
         while len(out) < count:
             batches = self.process_batches(seed, epoch, rank, world)
-            out += [MicroBatch(epoch, n, tuple(batches[n]))
+            out += [MicroBatch(epoch, n * world + rank, tuple(batches[n]))
                     for n in range(number, min(len(batches), number + count - len(out)))]
             epoch, number = epoch + 1, 0
         return out
@@ -182,9 +216,21 @@ class TrainData:
             out.append(process_caption(item.caption or "", item.subset, rng))
         return out
 
+    def batch_size_of(self, indices):
+        """`(w, h)` a batch is trained at: its first item's bucket (class images that come from
+        another bucket are fitted to it)."""
+        return self.items[indices[0]].size
+
     def pixels(self, indices):
-        """Images `[B, 3, h, w]` in [-1, 1] (all in one bucket)."""
-        return torch.stack([load_image(self.items[i].image, self.items[i].size) for i in indices])
+        """Images `[B, 3, h, w]` in [-1, 1]."""
+        size = self.batch_size_of(indices)
+        return torch.stack([load_image(self.items[i].image, size) for i in indices])
+
+    def hints(self, indices):
+        """ControlNet conditioning images `[B, 3, h, w]` in [0, 1], fitted like the images."""
+        size = self.batch_size_of(indices)
+        return torch.stack([(load_image(self.items[i].conditioning, size) + 1) / 2
+                            for i in indices])
 
 
 def process_caption(caption, subset: SubsetConfig, rng):
@@ -208,23 +254,29 @@ def load_image(path, size):
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0  # -> [3, h, w]
 
 
+INPUTS = ("pixels", "hints")
+
+
 class BatchLoader(torch.utils.data.Dataset):
     """Map-style dataset over a fixed list of MicroBatches (for a torch DataLoader with
-    `batch_size=None`): item `i` is `(i, pixels or None)`; order is kept with workers."""
+    `batch_size=None`): item `i` is `(i, {name: tensor})` with the `inputs` asked for ("pixels",
+    "hints": `TrainData` methods); order is kept with workers."""
 
-    def __init__(self, data: TrainData, batches, load_pixels=True):
+    def __init__(self, data: TrainData, batches, inputs=("pixels",)):
+        unknown = set(inputs) - set(INPUTS)
+        if unknown:
+            raise ValueError(f"unknown batch inputs {sorted(unknown)}; known: {INPUTS}")
         self.data = data
         self.batches = batches
-        self.load_pixels = load_pixels
+        self.inputs = tuple(inputs)
 
     def __len__(self):
         return len(self.batches)
 
     def __getitem__(self, i):
-        if not self.load_pixels:
-            return i, None
-        return i, self.data.pixels(self.batches[i].indices)
+        indices = self.batches[i].indices
+        return i, {name: getattr(self.data, name)(indices) for name in self.inputs}
 
 
-__all__ = ["Item", "MicroBatch", "TrainData", "BatchLoader", "process_caption", "load_image",
-           "image_size"]
+__all__ = ["Item", "MicroBatch", "TrainData", "BatchLoader", "INPUTS", "process_caption",
+           "load_image", "image_size"]

@@ -10,19 +10,20 @@ from .dataset import BatchLoader
 from .losslog import LossLog
 
 
-def _loader(data, batches, load_pixels, num_workers):
-    return torch.utils.data.DataLoader(BatchLoader(data, batches, load_pixels), batch_size=None,
+def _loader(data, batches, inputs, num_workers):
+    return torch.utils.data.DataLoader(BatchLoader(data, batches, inputs), batch_size=None,
                                        shuffle=False, num_workers=num_workers)
 
 
 def train_loop(run, model, optimizer, scheduler, micro_loss, data, *, seed, accumulation,
-               params, save_model, max_grad_norm=1.0, load_pixels=True, num_workers=0,
+               params, save_model, max_grad_norm=1.0, inputs=("pixels",), num_workers=0,
                progress=True):
     """Train from `run.start_step` to `run.max_steps`; returns the loss log rows.
 
-    `micro_loss(micro_batch, pixels, generator)` -> scalar loss of one micro-batch (`pixels` is
-    None when `load_pixels` is False); `generator` is the micro-batch's own CPU generator.
-    `save_model(step)` writes the model at each save step, before the training state.
+    `micro_loss(micro_batch, inputs, generator)` -> scalar loss of one micro-batch; `inputs` is
+    `{name: tensor}` for the names in `inputs` ("pixels", "hints": see `dataset.BatchLoader`),
+    `generator` the micro-batch's own CPU generator. `save_model(step)` writes the model at each
+    save step, before the training state.
     """
     acc = run.accelerator
     rank, world = acc.process_index, acc.num_processes
@@ -33,14 +34,14 @@ def train_loop(run, model, optimizer, scheduler, micro_loss, data, *, seed, accu
     save_steps = set(run.save_steps())
     bar = tqdm(total=end, initial=start, disable=not (progress and acc.is_main_process),
                desc="train", dynamic_ncols=True)
-    stream = iter(_loader(data, batches, load_pixels, num_workers))
+    stream = iter(_loader(data, batches, inputs, num_workers))
     for step in range(start, end):
         total = torch.zeros((), device=acc.device)
         for micro in range(accumulation):
-            index, pixels = next(stream)
-            generator = step_generator(seed, step, micro, rank)
+            index, tensors = next(stream)
+            generator = step_generator(seed, step, micro * world + rank)
             with acc.accumulate(model):
-                loss = micro_loss(batches[index], pixels, generator)
+                loss = micro_loss(batches[index], tensors, generator)
                 acc.backward(loss)
                 if acc.sync_gradients and max_grad_norm:
                     acc.clip_grad_norm_(params, max_grad_norm)

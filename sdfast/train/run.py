@@ -2,7 +2,8 @@
 
 Layout of `output_dir` (one run per folder):
 
-    NAME.safetensors                 the final model
+    NAME.safetensors                 the final model (methods that write several files per save
+                                     add a suffix: NAME_learned_embeds.safetensors)
     NAME-step00000100.safetensors    intermediate models (--save-every-n-steps)
     state-00000100/                  training state at each save: accelerate's save_state
                                      (trained weights, optimizer, GradScaler, RNG) + the lr
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -32,11 +34,12 @@ STATE_FILE = "sdfast_state.json"
 STATE_PREFIX = "state-"
 
 
-def checkpoint_name(output_name, step=None):
-    """`NAME.safetensors`, or `NAME-step00000100.safetensors` for an intermediate save."""
+def checkpoint_name(output_name, step=None, suffix=""):
+    """`NAME<suffix>.safetensors`, or `NAME-step00000100<suffix>.safetensors` for an
+    intermediate save."""
     if step is None:
-        return f"{output_name}.safetensors"
-    return f"{output_name}-step{step:08d}.safetensors"
+        return f"{output_name}{suffix}.safetensors"
+    return f"{output_name}-step{step:08d}{suffix}.safetensors"
 
 
 def state_name(step):
@@ -81,19 +84,22 @@ class TrainRun:
     """Names, ownership checks, saves and resume of one training run (see module docstring).
 
     `settings`: the JSON-able options a resume must repeat exactly (the loss curve depends on
-    them); `save_every`: intermediate save period (None: only the final save).
+    them); `save_every`: intermediate save period (None: only the final save); `suffixes`: the
+    files of one save (`checkpoint_name` suffixes, the first is the main file).
     """
 
     def __init__(self, accelerator, output_dir, output_name, settings, max_steps,
-                 save_every=None, resume=None):
+                 save_every=None, resume=None, suffixes=("",)):
         self.accelerator = accelerator
         self.output_dir = Path(output_dir)
         self.output_name = output_name
         self.settings = settings
         self.max_steps = max_steps
         self.save_every = save_every
+        self.suffixes = tuple(suffixes)
         self.state_dir = None
         self.start_step, self.loss_rows, self.run_id = 0, [], uuid.uuid4().hex
+        self.started_at = time.time()
         if resume is not None:
             self._read_resume(resume)
         self.check_outputs()
@@ -111,6 +117,7 @@ class TrainRun:
                               for k in changed)
             raise SdfastError(f"{self.state_dir}: cannot resume with different settings: {diffs}")
         self.run_id, self.start_step = info["run_id"], int(info["step"])
+        self.started_at = info.get("started_at", self.started_at)
         self.loss_rows = [tuple(r) for r in info["losses"]]
         if self.start_step >= self.max_steps:
             raise SdfastError(f"{self.state_dir}: the state is at step {self.start_step}; "
@@ -125,18 +132,23 @@ class TrainRun:
         steps.add(self.max_steps)
         return sorted(s for s in steps if s > self.start_step)
 
+    def model_paths(self, step):
+        """The files of the save after `step`, one per suffix (final names at the last step)."""
+        at = None if step == self.max_steps else step
+        return [self.output_dir / checkpoint_name(self.output_name, at, suffix)
+                for suffix in self.suffixes]
+
     def model_path(self, step):
-        """Where the model saved after `step` goes (the final name at the last step)."""
-        final = step == self.max_steps
-        return self.output_dir / checkpoint_name(self.output_name, None if final else step)
+        """The main file saved after `step`."""
+        return self.model_paths(step)[0]
 
     def check_outputs(self):
         """Refuse up front any name this run would write that another run owns."""
         for step in self.save_steps():
-            path = self.model_path(step)
-            if path.exists() and file_owner(path) != self.run_id:
-                raise SdfastError(f"{path}: exists and was not written by this run "
-                                  "(refusing to overwrite it; use another output name or folder)")
+            for path in self.model_paths(step):
+                if path.exists() and file_owner(path) != self.run_id:
+                    raise SdfastError(f"{path}: exists and was not written by this run (refusing "
+                                      "to overwrite it; use another output name or folder)")
             state = self.output_dir / state_name(step)
             if state.exists() and (read_state_info(state) or {}).get("run_id") != self.run_id:
                 raise SdfastError(f"{state}: exists and was not written by this run "
@@ -148,16 +160,20 @@ class TrainRun:
                                       "pass --resume to continue that run, or use a new folder)")
 
     # ------------------------------------------------------------------ saving
-    def save_model(self, step, write):
-        """`write(path, overwrite)` on the main process; returns the path."""
-        path = self.model_path(step)
+    def save_model(self, step, *writers):
+        """`writers[i](path, overwrite)` writes the file of suffix i, on the main process;
+        returns the main path."""
+        paths = self.model_paths(step)
+        if len(writers) != len(paths):
+            raise ValueError(f"{len(paths)} files per save but {len(writers)} writers")
         if self.accelerator.is_main_process:
-            owned = path.exists()
-            if owned and file_owner(path) != self.run_id:
-                raise SdfastError(f"{path}: exists and was not written by this run")
-            write(path, owned)
+            for path, write in zip(paths, writers):
+                owned = path.exists()
+                if owned and file_owner(path) != self.run_id:
+                    raise SdfastError(f"{path}: exists and was not written by this run")
+                write(path, owned)
         self.accelerator.wait_for_everyone()
-        return path
+        return paths[0]
 
     def save_state(self, step, loss_rows):
         """accelerate's save_state into a temporary folder, then renamed into place."""
@@ -170,7 +186,7 @@ class TrainRun:
         acc.save_state(os.fspath(tmp))
         if acc.is_main_process:
             info = {"run_id": self.run_id, "step": step, "settings": self.settings,
-                    "losses": [list(r) for r in loss_rows]}
+                    "started_at": self.started_at, "losses": [list(r) for r in loss_rows]}
             (tmp / STATE_FILE).write_text(json.dumps(info, indent=1), encoding="utf-8")
             _replace_folder(tmp, final, self.run_id)
         acc.wait_for_everyone()
