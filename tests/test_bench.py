@@ -58,18 +58,18 @@ def test_unet_suite_writes_table_json_and_chart(capsys, work_dir, tmp_path, keep
     kernels, unet = record["rows"]
     assert kernels["status"].startswith("not yet wired") and not kernels["runs"]
     assert unet.keys() == ROW_KEYS
-    assert set(unet["runs"]) == {"sdfast", "diffusers", "torch-reference"}
+    assert set(unet["runs"]) == {"sdfast", "diffusers", "torch-reference", "onnxruntime"}
     for stats in unet["runs"].values():
         assert stats.keys() == STATS_KEYS and stats["n"] == 2
         assert stats["min"] <= stats["q1"] <= stats["median"] <= stats["q3"] <= stats["max"]
-    assert set(unet["ratios"]) == {"diffusers", "torch-reference"}
+    assert set(unet["ratios"]) == {"diffusers", "torch-reference", "onnxruntime"}
     sd = unet["runs"]["sdfast"]["median"]
     assert unet["ratios"]["diffusers"] == pytest.approx(unet["runs"]["diffusers"]["median"] / sd)
     assert unet["goal"]["vs"] == "diffusers" and unet["goal"]["at_least"] == 1.5
     assert isinstance(unet["goal"]["met"], bool)
-    assert "issue 7" in unet["unavailable"]["onnxruntime"]
+    assert unet["unavailable"] == {}
     # Every baseline ran the same UNet on the same weights: fp32 rounding apart, equal outputs.
-    for name in ("diffusers", "torch-reference"):
+    for name in ("diffusers", "torch-reference", "onnxruntime"):
         check = unet["checks"][name]
         assert check["max_abs_diff_vs_sdfast"] < 1e-4 * max(1.0, check["max_abs_sdfast"])
     with Image.open(out_png) as image:
@@ -77,6 +77,21 @@ def test_unet_suite_writes_table_json_and_chart(capsys, work_dir, tmp_path, keep
     # never overwrite a result without --overwrite
     rc, _, err = _bench(capsys, work_dir, "--suite", "kernels", "--json", str(out_json))
     assert rc == 2 and "exists" in err
+
+
+def test_an_unavailable_baseline_says_why(capsys, work_dir, tmp_path, keep_threads, monkeypatch):
+    from sdfast.bench.runtimes import RUNTIMES
+
+    monkeypatch.setattr(RUNTIMES["onnxruntime"], "unavailable", lambda self, device: "no reason")
+    out_json = tmp_path / "run.json"
+    rc, out, err = _bench(capsys, work_dir, "--suite", "unet", "--resolution", "64", "--repeats",
+                          "1", "--warmup", "0", "--compare", "onnxruntime", "--json", str(out_json))
+    assert rc == 0, err
+    assert "| unet | UNet step 64x64, batch 1 (CFG: 2 rows) |" in out and "| n/a |" in out
+    assert "- unet / onnxruntime: no reason" in out
+    (row,) = json.loads(out_json.read_text())["rows"]
+    assert set(row["runs"]) == {"sdfast"} and row["ratios"] == {}
+    assert row["unavailable"] == {"onnxruntime": "no reason"} and row["goal"]["met"] is None
 
 
 def test_e2e_and_lora_suites_agree_with_diffusers(capsys, work_dir, tmp_path, keep_threads):

@@ -26,6 +26,12 @@ class ModelFiles:
     family: str
     prediction: str
 
+    @property
+    def key(self):
+        """A name for files derived from this model (its folder and file name)."""
+        path = os.path.abspath(self.checkpoint)
+        return f"{os.path.basename(os.path.dirname(path))}-{os.path.splitext(os.path.basename(path))[0]}"
+
 
 @dataclass
 class Request:
@@ -56,7 +62,7 @@ class SdfastRuntime:
     def unavailable(self, device):
         return None
 
-    def prepare(self, model, work_dir):
+    def prepare(self, model, work_dir, dtype):
         """The path `load` reads (a baseline may convert the model first)."""
         return model.checkpoint
 
@@ -136,7 +142,7 @@ class DiffusersRuntime:
                 return f"{module} is not installed (pip install 'sdfast[test]')"
         return None
 
-    def prepare(self, model, work_dir):
+    def prepare(self, model, work_dir, dtype):
         return model.checkpoint
 
     def imports(self):
@@ -205,28 +211,51 @@ def _quiet():
 
 
 class OnnxRuntime(SdfastRuntime):
-    """sdfast's generate API on ONNX Runtime (`sdfast export onnx`, issue 7), on a folder the
-    suite exports once per model (cached in the work folder)."""
+    """sdfast's generate API on ONNX Runtime (`sdfast.export`, issue 7): the model is exported
+    once per dtype into the work folder and opened with as many intra-op threads as torch uses."""
 
     name = "onnxruntime"
-    load_kwargs = {"backend": "onnxruntime"}
+    _DTYPES = {"float32": "fp32", "float16": "fp16"}
 
     def unavailable(self, device):
-        if importlib.util.find_spec("onnxruntime") is None:
-            return "onnxruntime is not installed"
-        if importlib.util.find_spec("sdfast.export") is None:
-            return "sdfast.export (ONNX export, issue 7) is not in this build yet"
+        for module, why in (("onnxruntime", "onnxruntime is not installed"),
+                            ("sdfast.export", "sdfast.export (ONNX export, issue 7) is not in "
+                                              "this build")):
+            if importlib.util.find_spec(module) is None:
+                return why
+        if str(device).startswith("cuda"):
+            import onnxruntime
+
+            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+                return "this onnxruntime has no CUDA execution provider"
         return None
 
-    def prepare(self, model, work_dir):
-        from sdfast.cli import main
+    def prepare(self, model, work_dir, dtype):
+        from sdfast.export import export_onnx
+        from sdfast.export.manifest import MANIFEST
 
-        out = os.path.join(work_dir, "onnx", os.path.basename(os.path.dirname(
-            os.path.abspath(model.checkpoint))) or "model")
-        if not os.path.exists(os.path.join(out, "manifest.json")):
-            if main(["export", "onnx", "--model", model.checkpoint, "-o", out]) != 0:
-                raise RuntimeError(f"sdfast export onnx failed for {model.checkpoint}")
+        name = self._DTYPES.get(str(dtype).replace("torch.", ""))
+        if name is None:
+            raise RuntimeError(f"sdfast export onnx has no {dtype} graphs (fp32 or fp16)")
+        out = os.path.join(work_dir, "onnx", f"{model.key}-{name}")
+        if not os.path.exists(os.path.join(out, MANIFEST)):
+            export_onnx(model.checkpoint, out, dtype=name, overwrite=True)
         return out
+
+    def imports(self):
+        import torch  # noqa: F401
+
+        import sdfast.export.ort  # noqa: F401
+
+    def load(self, model, path, device, dtype):
+        import torch
+        from sdfast.export.ort import open_onnx
+
+        return open_onnx(path, device=device, prediction=model.prediction,
+                         threads=torch.get_num_threads())
+
+    def weights(self, pipe):
+        return []                   # the weights live in ONNX Runtime's sessions
 
 
 RUNTIMES = {cls.name: cls for cls in (SdfastRuntime, DiffusersRuntime, TorchReferenceRuntime,

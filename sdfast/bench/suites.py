@@ -96,7 +96,7 @@ class Bench:
     def path(self, name):
         """The model path runtime `name` reads (prepared once, e.g. exported)."""
         if name not in self._paths:
-            self._paths[name] = self.runtimes[name].prepare(self.model, self.work_dir)
+            self._paths[name] = self.runtimes[name].prepare(self.model, self.work_dir, self.dtype)
         return self._paths[name]
 
     def loaded(self, row):
@@ -235,7 +235,7 @@ def suite_lora(bench):
     handles = bench.loaded(load_row)
     swap_row.unavailable.update(load_row.unavailable)
     pipe = handles["sdfast"][1]
-    folder = os.path.join(bench.work_dir, "loras", _model_key(bench.model))
+    folder = os.path.join(bench.work_dir, "loras", bench.model.key)
     os.makedirs(folder, exist_ok=True)
     files = {}
     for label, seed in (("A", 1), ("B", 2)):
@@ -319,11 +319,6 @@ def _count_modules(path):
 
     with safe_open(path, "pt") as fh:
         return sum(1 for key in fh.keys() if key.endswith(".alpha"))
-
-
-def _model_key(model):
-    return os.path.basename(os.path.dirname(os.path.abspath(model.checkpoint))) + "-" + \
-        os.path.splitext(os.path.basename(model.checkpoint))[0]
 
 
 # ----------------------------------------------------------------------------- child suites
