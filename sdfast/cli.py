@@ -25,14 +25,20 @@ def _positive_multiple_of_8(text):
     return value
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _int_at_least(minimum):
+    """An argparse type: an integer >= `minimum`."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+_positive_int = _int_at_least(1)
 
 
 def _add_generate(sub):
@@ -279,12 +285,14 @@ def build_parser():
     _add_generate(sub)
     _add_info(sub)
     _add_lora(sub)
+    from .bench.cli import register as register_bench
     from .eval.cli import register as register_eval
     from .export.cli import register as register_export
     from .train.cli import register as register_train
     register_eval(sub)
     register_train(sub)
     register_export(sub)
+    register_bench(sub)
     return parser
 
 

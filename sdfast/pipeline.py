@@ -38,6 +38,11 @@ class Pipeline:
         self.embeddings_dir = None      # textual-inversion files loaded when a prompt names them
         self._embeddings = {}           # name -> sdfast.addons.embeddings.Embedding
         self._dir_embeddings = {}       # path -> Embedding read from embeddings_dir
+        # Between the phases of `generate`, give back the resident pages of file-mapped CPU
+        # weights the next phase does not read (sdfast.io.pages): the text encoder and VAE
+        # while the UNet samples, the UNet while the VAE decodes. They map in again from the
+        # page cache when next used (about a second for all of SD1.5's weights).
+        self.release_weights = True
 
     # ----------------------------------------------------------------------------- facts
     @property
@@ -361,10 +366,22 @@ class Pipeline:
         x = noise * sigmas[0]
         if init_latent is not None and strength < 1.0:
             x = x + init_latent
+        self._release(self.text_encoder, self.vae)
         x = self._run(sample_fn, denoiser, x, sigmas, seed, progress)
+        self._release(self.unet)
         if output == "latent":
             return x
-        return to_output(self.decode_latents(x), output)
+        images = self.decode_latents(x)
+        self._release(self.vae)
+        return to_output(images, output)
+
+    def _release(self, *modules):
+        """Give back the resident pages of the modules' file-mapped CPU weights (see
+        `release_weights`)."""
+        if self.release_weights and self.device.type == "cpu":
+            from .io.pages import release_pages
+
+            release_pages(*modules)
 
     def _inpaint_channels(self, init_image, pixel_mask, shape):
         """The 5 extra input channels of a 9-channel inpainting model: the latent-size mask and

@@ -25,8 +25,11 @@ def _diffusers_modules(module, prefix, keep):
             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and keep(name)]
 
 
-def random_kohya_lora(ref, seed=0, rank=RANK, alpha=2.0, te=True, conv=True, scale=0.3):
-    """A kohya-format LoRA for the diffusers pipeline `ref` (names from its modules)."""
+def random_kohya_lora(ref, seed=0, rank=RANK, alpha=2.0, te=True, conv=True, scale=0.3,
+                      convs=("down_blocks.0.resnets.0.conv1",)):
+    """A kohya-format LoRA for the diffusers pipeline `ref` (names from its modules): every
+    transformer-block linear and proj_in/proj_out, the 3x3 `convs` (LoCon) when `conv`, and
+    every text-encoder layer when `te`."""
     gen = torch.Generator().manual_seed(seed)
     sd = {}
 
@@ -45,7 +48,8 @@ def random_kohya_lora(ref, seed=0, rank=RANK, alpha=2.0, te=True, conv=True, sca
     for name, m in _diffusers_modules(ref.unet, "", lambda n: ".attentions." in n):
         add("lora_unet_" + name.replace(".", "_"), m)
     if conv:
-        add("lora_unet_down_blocks_0_resnets_0_conv1", ref.unet.down_blocks[0].resnets[0].conv1)
+        for path in convs:
+            add("lora_unet_" + path.replace(".", "_"), ref.unet.get_submodule(path))
     if te:
         for name, m in _diffusers_modules(ref.text_encoder, "", lambda n: ".layers." in n):
             if not name.startswith("text_model."):      # transformers 5 drops the prefix;
@@ -416,3 +420,115 @@ def test_lora_merge_command_bakes_loras_and_never_overwrites(model, tmp_path):
     rc, _, err = run_cli("lora", "merge", str(single), str(tmp_path / "a.safetensors"), "-o", str(out))
     assert_one_line_error(rc, err, "exists")
     assert out.read_bytes() == first
+
+
+# ----------------------------------------------------------------------------- real SD1.5 shapes
+SD15_CONVS = ("down_blocks.0.resnets.0.conv1", "down_blocks.3.resnets.1.conv2",
+              "mid_block.resnets.0.conv1", "up_blocks.1.resnets.2.conv1", "up_blocks.3.resnets.0.conv2")
+
+
+def _lora_modules(lora):
+    """`[(component, diffusers module path, up, down, scale)]` of a kohya or PEFT file."""
+    out = []
+    for key, down in lora.items():
+        if key.endswith(".lora_down.weight"):                               # kohya
+            module = key[: -len(".lora_down.weight")]
+            up, alpha = lora[f"{module}.lora_up.weight"], lora[f"{module}.alpha"].item()
+            if module.startswith("lora_unet_"):
+                out.append(("unet", _dotted(module[len("lora_unet_"):], UNET_WORDS), up, down,
+                            alpha / down.shape[0]))
+            else:
+                out.append(("text_encoder", _dotted(module[len("lora_te_"):], TEXT_WORDS), up,
+                            down, alpha / down.shape[0]))
+        elif key.endswith(".lora_A.weight"):                                 # PEFT: no alpha
+            module = key[: -len(".lora_A.weight")]
+            component, _, path = module.partition(".")
+            out.append((component, path, lora[f"{module}.lora_B.weight"], down, 1.0))
+    return out
+
+
+def _diffusers_weight(model, path):
+    """The weight tensor of a diffusers/transformers module path (transformers 5 drops
+    CLIPTextModel's `text_model.` prefix; kohya and PEFT names keep it)."""
+    params = dict(model.named_parameters())
+    key = f"{path}.weight"
+    return params[key] if key in params else params[key[len("text_model."):]]
+
+
+def _ldm_key(component, path, ref):
+    from sdfast.io.detect import CLIP_PREFIX, UNET_PREFIX
+    from sdfast.io.diffusers_clip import clip_diffusers_to_ldm
+    from sdfast.io.diffusers_unet import unet_diffusers_to_ldm
+
+    one = {f"{path}.weight": torch.zeros(())}
+    if component == "unet":
+        return UNET_PREFIX + next(iter(unet_diffusers_to_ldm(one, dict(ref.unet.config))))
+    return CLIP_PREFIX + next(iter(clip_diffusers_to_ldm(one)))
+
+
+def _merge_errors(lora, strength, ref, ours, original):
+    """Per module: `(max|ours - exact|, max|theirs - exact|, max|exact|, max|delta|)`, where
+    `exact` is the float64 merge of the file's factors into the original weight, `ours` sdfast's
+    merged weights (LDM keys), `theirs` diffusers' fused weights (read from `ref`)."""
+    errors = {}
+    for component, path, up, down, scale in _lora_modules(lora):
+        key = _ldm_key(component, path, ref)
+        theirs = _diffusers_weight(getattr(ref, component), path).detach()
+        w = original[key].double()
+        delta = (up.double().flatten(1) @ down.double().flatten(1)).reshape(w.shape)
+        exact = w + strength * scale * delta
+        errors[key] = ((ours[key].double() - exact).abs().max().item(),
+                       (theirs.double().reshape(w.shape) - exact).abs().max().item(),
+                       exact.abs().max().item(), (strength * scale * delta).abs().max().item())
+    return errors
+
+
+@pytest.mark.slow
+def test_real_sd15_shapes_kohya_and_peft_loras_match_diffusers_fuse_lora(tmp_path):
+    """Issue 6 at SD1.5 shapes: a kohya file (every transformer-block linear and proj, five 3x3
+    convs across the levels, every text-encoder layer; random up/down/alpha) and the same LoRA
+    as a PEFT file, merged by sdfast's `load_lora` and fused by diffusers' `load_lora_weights` +
+    `fuse_lora`, at strength 0.7. Tolerance earned per weight: against the float64 merge, ours
+    may be at most twice as far as diffusers' own fp32 merge, plus 4 ulps of the weight."""
+    from safetensors import safe_open
+
+    from sdfast.io.save import ldm_state_dict
+
+    ref = make_reference("sd15", tmp_path)
+    single = save_single_file(ref, "sd1", tmp_path / "model.safetensors")
+    kohya = random_kohya_lora(ref, seed=21, rank=8, alpha=4.0, scale=0.05, convs=SD15_CONVS)
+    strength = 0.7
+    inputs = _inputs(ref)
+    handle = safe_open(str(single), "pt")
+    original = {k: handle.get_tensor(k) for k in handle.keys()}             # mmapped, LDM keys
+    pipe = sdfast.load(single)
+    base_unet, base_text = _outputs(pipe, *inputs)
+    eps32 = torch.finfo(torch.float32).eps
+    for name, lora in (("kohya", kohya), ("peft", _as_peft(kohya))):
+        path = tmp_path / f"{name}.safetensors"
+        save_file(lora, str(path))
+        pipe.load_lora(path, strength=strength, strict=True)
+        assert pipe.loras[name]["modules"] == len(_lora_modules(lora))
+        ours = ldm_state_dict(pipe.unet, pipe.vae, pipe.text_encoder, "sd1")
+        ours_out = _outputs(pipe, *inputs)
+        ref.load_lora_weights({k: v.clone() for k, v in lora.items()}, adapter_name=name)
+        ref.fuse_lora(lora_scale=strength, adapter_names=[name])
+        theirs_out = _outputs_ref(ref, *inputs)
+        ref.unload_lora_weights()                        # keeps the fused weights
+        errors = _merge_errors(lora, strength, ref, ours, original)
+        # 16 transformer blocks x (10 linears + proj_in/out), 5 convs, 12 text layers x 6
+        assert len(errors) == len(_lora_modules(lora)) == 16 * 12 + 5 + 12 * 6
+        for key, (err, ref_err, size, delta) in errors.items():
+            assert ref_err < 1e-3 * delta, (key, ref_err, delta)         # diffusers did merge it
+            assert err <= 2 * ref_err + 4 * eps32 * size, (name, key, err, ref_err)
+        untouched = [k for k in ours if k not in errors]
+        assert all(torch.equal(ours[k], original[k]) for k in untouched)
+        for out, theirs, base in zip(ours_out, theirs_out, (base_unet, base_text)):
+            tol = 1e-4 * max(1.0, theirs.abs().max().item())   # as the real-shape generate test
+            assert (out - theirs).abs().max().item() < tol
+            assert (out - base).abs().max().item() > 100 * tol            # the LoRA matters
+        pipe.unload_lora(name)
+        with torch.no_grad():                            # diffusers' original weights back
+            for component, path_, *_ in _lora_modules(lora):
+                weight = _diffusers_weight(getattr(ref, component), path_)
+                weight.copy_(original[_ldm_key(component, path_, ref)].reshape(weight.shape))

@@ -190,6 +190,19 @@ def _embed(token_embedding, position_weight, input_ids, inputs_embeds):
     return inputs_embeds + position_weight[:t]  # rows arange(T) of the position table
 
 
+def _normal_(tensor, std=1.0):
+    """`nn.init.normal_`, skipped on the meta device: loaders build there and assign the file's
+    weights, and torch's meta `normal_` imports torch._dynamo (a second of every cold load)."""
+    if not tensor.is_meta:
+        nn.init.normal_(tensor, std=std)
+    return tensor
+
+
+def _embedding(num, width):
+    """`nn.Embedding(num, width)` with its own N(0, 1) initialisation (see `_normal_`)."""
+    return nn.Embedding(num, width, _weight=_normal_(torch.empty(num, width)))
+
+
 # ---- SD1: OpenAI CLIP in transformers naming ---------------------------------------------------
 
 class _CLIPAttention(nn.Module):
@@ -233,8 +246,8 @@ class _CLIPEncoderLayer(nn.Module):
 class _CLIPEmbeddings(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.position_embedding = nn.Embedding(cfg.positions, cfg.width)
+        self.token_embedding = _embedding(cfg.vocab_size, cfg.width)
+        self.position_embedding = _embedding(cfg.positions, cfg.width)
 
 
 class _CLIPEncoder(nn.Module):
@@ -341,14 +354,14 @@ class OpenCLIPTextModel(nn.Module):
     def __init__(self, config: OpenCLIPTextConfig):
         super().__init__()
         self.config = config
-        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+        self.token_embedding = _embedding(config.vocab_size, config.width)
         self.positional_embedding = nn.Parameter(torch.empty(config.positions, config.width))
         self.transformer = _OpenCLIPTransformer(config)
         self.ln_final = nn.LayerNorm(config.width, eps=config.eps)
-        nn.init.normal_(self.positional_embedding, std=0.01)
+        _normal_(self.positional_embedding, std=0.01)
         if config.projection_dim is not None:
             self.text_projection = nn.Parameter(torch.empty(config.width, config.projection_dim))
-            nn.init.normal_(self.text_projection, std=config.width ** -0.5)
+            _normal_(self.text_projection, std=config.width ** -0.5)
         if config.logit_scale:
             # CLIP's initial temperature 0.07
             self.logit_scale = nn.Parameter(torch.full((), math.log(1 / 0.07)))

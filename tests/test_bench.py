@@ -1,0 +1,244 @@
+"""`sdfast bench`: the suite's own behaviour on the built-in model's shapes (tiny, fast).
+
+Speed is never asserted: these check that a run produces the table, the JSON with its
+documented keys and the chart, that every baseline computed the same thing as sdfast (the
+suite's own checks), that unavailable baselines say why, and that bad flags are one line, exit 2.
+"""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from sdfast.bench.measure import Stats, interleave
+from sdfast.bench.suites import Row
+from sdfast.cli import main
+
+ROW_KEYS = {"suite", "name", "unit", "kind", "runs", "ratios", "ratio_meaning", "unavailable",
+            "checks", "notes", "goal", "status"}
+STATS_KEYS = {"median", "q1", "q3", "min", "max", "n", "samples"}
+
+
+@pytest.fixture
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def work_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench-work")
+
+
+def _bench(capsys, work_dir, *args):
+    rc = main(["bench", "--arch", "builtin", "--work-dir", str(work_dir), "--threads", "1",
+               "--quiet", *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_unet_suite_writes_table_json_and_chart(capsys, work_dir, tmp_path, keep_threads):
+    out_json, out_png = tmp_path / "run.json", tmp_path / "run.png"
+    rc, out, err = _bench(capsys, work_dir, "--suite", "unet,kernels", "--resolution", "64",
+                          "--repeats", "2", "--warmup", "0", "--json", str(out_json),
+                          "--plot", str(out_png))
+    assert rc == 0, err
+    assert "| suite | measurement | sdfast | diffusers | torch-reference | onnxruntime | goal |" in out
+    assert "| unet | UNet step 64x64, batch 1 (CFG: 2 rows) |" in out
+    assert "not yet wired" in out                                   # the kernels hook
+    record = json.loads(out_json.read_text())
+    assert {"schema", "command", "argv", "date", "machine", "versions", "settings", "model",
+            "rows", "load_average_at_end"} <= record.keys()
+    assert record["command"].startswith("sdfast bench --arch builtin --device cpu --dtype fp32")
+    assert {"cpu", "cores", "torch_threads", "platform", "python"} <= record["machine"].keys()
+    assert record["machine"]["torch_threads"] == 1
+    assert record["versions"]["torch"] == torch.__version__.split("+")[0] or \
+        record["versions"]["torch"].startswith(torch.__version__.split("+")[0])
+    kernels, unet = record["rows"]
+    assert kernels["status"].startswith("not yet wired") and not kernels["runs"]
+    assert unet.keys() == ROW_KEYS
+    assert set(unet["runs"]) == {"sdfast", "diffusers", "torch-reference", "onnxruntime"}
+    for stats in unet["runs"].values():
+        assert stats.keys() == STATS_KEYS and stats["n"] == 2
+        assert stats["min"] <= stats["q1"] <= stats["median"] <= stats["q3"] <= stats["max"]
+    assert set(unet["ratios"]) == {"diffusers", "torch-reference", "onnxruntime"}
+    sd = unet["runs"]["sdfast"]["median"]
+    assert unet["ratios"]["diffusers"] == pytest.approx(unet["runs"]["diffusers"]["median"] / sd)
+    assert unet["goal"]["vs"] == "diffusers" and unet["goal"]["at_least"] == 1.5
+    assert isinstance(unet["goal"]["met"], bool)
+    assert unet["unavailable"] == {}
+    # Every baseline ran the same UNet on the same weights: fp32 rounding apart, equal outputs.
+    for name in ("diffusers", "torch-reference", "onnxruntime"):
+        check = unet["checks"][name]
+        assert check["max_abs_diff_vs_sdfast"] < 1e-4 * max(1.0, check["max_abs_sdfast"])
+    with Image.open(out_png) as image:
+        assert image.format == "PNG" and image.width == 960 and image.height > 100
+    # never overwrite a result without --overwrite
+    rc, _, err = _bench(capsys, work_dir, "--suite", "kernels", "--json", str(out_json))
+    assert rc == 2 and "exists" in err
+
+
+def test_an_unavailable_baseline_says_why(capsys, work_dir, tmp_path, keep_threads, monkeypatch):
+    from sdfast.bench.runtimes import RUNTIMES
+
+    monkeypatch.setattr(RUNTIMES["onnxruntime"], "unavailable", lambda self, device: "no reason")
+    out_json = tmp_path / "run.json"
+    rc, out, err = _bench(capsys, work_dir, "--suite", "unet", "--resolution", "64", "--repeats",
+                          "1", "--warmup", "0", "--compare", "onnxruntime", "--json", str(out_json))
+    assert rc == 0, err
+    assert "| unet | UNet step 64x64, batch 1 (CFG: 2 rows) |" in out and "| n/a |" in out
+    assert "- unet / onnxruntime: no reason" in out
+    (row,) = json.loads(out_json.read_text())["rows"]
+    assert set(row["runs"]) == {"sdfast"} and row["ratios"] == {}
+    assert row["unavailable"] == {"onnxruntime": "no reason"} and row["goal"]["met"] is None
+
+
+def test_e2e_and_lora_suites_agree_with_diffusers(capsys, work_dir, tmp_path, keep_threads):
+    out_json = tmp_path / "run.json"
+    rc, out, err = _bench(capsys, work_dir, "--suite", "e2e,lora", "--resolution", "64",
+                          "--steps", "2", "--repeats", "1", "--warmup", "0",
+                          "--compare", "diffusers", "--json", str(out_json))
+    assert rc == 0, err
+    e2e, load, swap = json.loads(out_json.read_text())["rows"]
+    assert set(e2e["runs"]) == {"sdfast", "diffusers"}
+    # the same seed, noise, sampler and weights: the same image up to one 8-bit level
+    assert e2e["checks"]["diffusers"]["max_pixel_diff_vs_sdfast_0_255"] <= 1
+    assert load["goal"] == {"vs": "diffusers", "at_least": 5.0, "met": load["goal"]["met"]}
+    assert swap["goal"] is None and set(swap["runs"]) == {"sdfast", "diffusers"}
+    check = load["checks"]["diffusers"]
+    for part in ("unet", "text"):
+        # the merged LoRA changes each model by its effect; both sides merge the same change
+        assert check[f"{part}_lora_effect"] > 1e-2
+        assert check[f"{part}_max_abs_diff_vs_sdfast"] < 1e-3 * check[f"{part}_lora_effect"]
+
+
+def test_load_and_memory_suites_run_in_fresh_processes(capsys, work_dir, tmp_path, keep_threads):
+    out_json = tmp_path / "run.json"
+    rc, out, err = _bench(capsys, work_dir, "--suite", "load,memory", "--resolution", "64",
+                          "--steps", "1", "--repeats", "1", "--warmup", "0",
+                          "--compare", "torch-reference", "--json", str(out_json))
+    assert rc == 0, err
+    total, call, page_in, memory = json.loads(out_json.read_text())["rows"]
+    assert total["runs"]["sdfast"]["median"] >= call["runs"]["sdfast"]["median"] > 0
+    assert page_in["runs"]["sdfast"]["median"] > 0
+    assert "not applicable" in total["unavailable"]["torch-reference"]
+    assert memory["unit"] == "MiB" and memory["kind"] == "memory"
+    assert set(memory["runs"]) == {"sdfast", "torch-reference"}
+    assert 100 < memory["runs"]["sdfast"]["median"] < 10_000          # a process, in MiB
+    assert memory["ratios"]["torch-reference"] == pytest.approx(
+        memory["runs"]["sdfast"]["median"] / memory["runs"]["torch-reference"]["median"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--suite", "nope"], "--suite: unknown 'nope'"),
+    (["--suite", ","], "--suite: name at least one suite"),
+    (["--compare", "comfyui"], "--compare: unknown 'comfyui'"),
+    (["--resolution", "100"], "must be a positive multiple of 8"),
+    (["--repeats", "0"], "must be >= 1"),
+    (["--warmup", "-1"], "must be >= 0"),
+    (["--arch", "sdxl"], "invalid choice: 'sdxl'"),
+    (["--dtype", "int8"], "invalid choice: 'int8'"),
+    (["--model", "missing.safetensors"], "missing.safetensors: no such file"),
+    (["--plot", "chart.jpg"], "the chart is a PNG file"),
+])
+def test_bad_flags_are_one_line_exit_2(capsys, tmp_path, args, message):
+    rc = main(["bench", "--work-dir", str(tmp_path), *args])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+    assert not any(tmp_path.iterdir())                        # nothing built or written
+
+
+def test_arch_and_model_are_exclusive_and_cuda_must_exist(capsys, tmp_path):
+    rc = main(["bench", "--arch", "sd15", "--model", str(tmp_path), "--work-dir", str(tmp_path)])
+    assert rc == 2 and "not allowed with argument" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        rc = main(["bench", "--device", "cuda", "--work-dir", str(tmp_path)])
+        assert rc == 2 and "no CUDA device" in capsys.readouterr().err
+
+
+def test_interleaving_rotates_the_order_and_stats_summarise():
+    calls = []
+    runners = {name: (lambda name=name: calls.append(name) or len(calls)) for name in "abc"}
+    samples = interleave(runners, repeats=3, warmup=1)
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+    assert samples == {"a": [4, 9, 11], "b": [5, 7, 12], "c": [6, 8, 10]}
+    stats = Stats([4.0, 1.0, 3.0, 2.0, 100.0]).as_dict()
+    assert (stats["median"], stats["q1"], stats["q3"], stats["min"], stats["max"]) == (3, 2, 4, 1, 100)
+    assert Stats([2.0, 1.0]).quartiles() == (1.0, 2.0)
+
+
+def test_ratios_and_goals_by_kind():
+    time_row = Row("unet", "x", runs={"sdfast": Stats([1.0]), "diffusers": Stats([2.0])},
+                   goal={"vs": "diffusers", "at_least": 1.5})
+    assert time_row.ratios() == {"diffusers": 2.0} and time_row.goal_met() is True
+    mem_row = Row("memory", "x", unit="MiB", kind="memory",
+                  runs={"sdfast": Stats([900.0]), "diffusers": Stats([1000.0])},
+                  goal={"vs": "diffusers", "at_most": 0.8})
+    assert mem_row.ratios() == {"diffusers": 0.9} and mem_row.goal_met() is False
+    assert Row("lora", "x", goal={"vs": "diffusers", "at_least": 5}).goal_met() is None
+
+
+@pytest.mark.parametrize("kind", ["small_sd1", "small_sd2"])
+def test_diffusers_config_folder_loads_the_single_file_as_diffusers_built_it(kind, tmp_path):
+    """The configs written from what sdfast detects let diffusers' from_single_file rebuild the
+    reference pipeline exactly (SD2: 64-wide UNet heads, OpenCLIP without its unused block)."""
+    from diffusers import StableDiffusionPipeline
+
+    import sdfast
+    from _pipelines import family_of, make_reference, save_single_file
+    from sdfast.bench.arch import write_diffusers_config
+
+    ref = make_reference(kind, tmp_path)
+    single = save_single_file(ref, family_of(kind), tmp_path / "model.safetensors")
+    config = write_diffusers_config(sdfast.load(single, prediction="eps"), tmp_path / "config")
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(single), config=str(config), local_files_only=True, safety_checker=None,
+        requires_safety_checker=False, torch_dtype=torch.float32)
+    head = ref.unet.config.attention_head_dim
+    assert pipe.unet.config.attention_head_dim == (head if isinstance(head, int) else list(head))
+    assert pipe.text_encoder.config.num_hidden_layers == ref.text_encoder.config.num_hidden_layers
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    ctx = torch.randn(2, 77, ref.unet.config.cross_attention_dim, generator=gen)
+    ids = pipe.tokenizer(["a red circle", "x"], padding="max_length", max_length=77,
+                         return_tensors="pt").input_ids
+    ref_ids = ref.tokenizer(["a red circle", "x"], padding="max_length", max_length=77,
+                            return_tensors="pt").input_ids
+    assert torch.equal(ids, ref_ids)
+    with torch.no_grad():
+        assert torch.equal(pipe.unet(x, 500, ctx).sample, ref.unet(x, 500, ctx).sample)
+        assert torch.equal(pipe.text_encoder(ids)[0], ref.text_encoder(ids)[0])
+        # The file keeps the VAE's attention projections as 1x1 convs; diffusers converts them
+        # to Linear layers, which round differently from its own freshly built model.
+        a, b = pipe.vae.decode(x).sample, ref.vae.decode(x).sample
+        assert (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("source", ["single", "folder"])
+def test_model_flag_times_a_user_file_or_folder(source, capsys, tmp_path, keep_threads):
+    """--model: a single file gets a diffusers config folder written from what sdfast detects
+    (cached in the work folder); a diffusers folder loads as it is on both sides."""
+    from _pipelines import family_of, make_reference, save_single_file
+
+    ref = make_reference("small_sd2", tmp_path)
+    if source == "single":
+        model = save_single_file(ref, family_of("small_sd2"), tmp_path / "mine.safetensors",
+                                 metadata={"sdfast.prediction": "eps"})
+    else:
+        model = tmp_path / "mine"
+        ref.save_pretrained(str(model))
+    out_json = tmp_path / "run.json"
+    rc = main(["bench", "--model", str(model), "--suite", "unet", "--resolution", "64",
+               "--repeats", "1", "--warmup", "0", "--compare", "diffusers", "--threads", "1",
+               "--work-dir", str(tmp_path / "work"), "--json", str(out_json), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    record = json.loads(out_json.read_text())
+    assert record["model"]["label"] == model.name and record["model"]["family"] == "sd2"
+    assert record["command"].startswith(f"sdfast bench --model {model}")
+    check = record["rows"][0]["checks"]["diffusers"]
+    assert check["max_abs_diff_vs_sdfast"] < 1e-4 * max(1.0, check["max_abs_sdfast"])
+    configs = list((tmp_path / "work").glob("configs/*/model_index.json"))
+    assert len(configs) == (1 if source == "single" else 0)
