@@ -299,3 +299,27 @@ def test_cli_register_adds_train_finetune(base):
     assert (args.learning_rate, args.save_precision, args.optimizer) == (1e-5, "fp32", "adamw")
     with pytest.raises(SdfastError, match="a method is required"):
         parser.parse_args(["train"]).func(None)
+
+
+def test_latents_cached_to_disk_are_reused(base, run_a, tmp_path, monkeypatch):
+    # the disk cache gives the in-memory cache's run exactly, and a later run sharing the
+    # folder reads every latent back instead of running the VAE encoder
+    from sdfast.models.vae import AutoencoderKL
+
+    short = dict(FAST, max_train_steps=4)
+    memory = train_finetune(base / "tiny.safetensors", base / "data.toml", tmp_path / "m", "t",
+                            **short)
+    first = train_finetune(base / "tiny.safetensors", base / "data.toml", tmp_path / "d", "t",
+                           cache_latents_to_disk=True, **{**short, "cache_latents": False})
+    cache = tmp_path / "d" / "latent-cache"
+    files = sorted(cache.glob("*.safetensors"))
+    assert len(files) == N_IMAGES
+    assert first.losses == memory.losses
+    calls = []
+    real = AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x: calls.append(1) or real(self, x))
+    second = train_finetune(base / "tiny.safetensors", base / "data.toml", tmp_path / "e", "t",
+                            cache_latents_to_disk=str(cache), **short)
+    assert calls == [] and second.losses == memory.losses
+    assert sorted(cache.glob("*.safetensors")) == files
+    assert not (tmp_path / "e" / "latent-cache").exists()

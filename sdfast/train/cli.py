@@ -61,6 +61,9 @@ def _add_common(p, d):
                    help="Min-SNR loss weighting (5 is the paper's value)")
     p.add_argument("--cache-latents", action="store_true",
                    help="encode every image once, keep the latents in memory")
+    p.add_argument("--cache-latents-to-disk", nargs="?", const=True, default=False,
+                   metavar="DIR", help="also keep them on disk (DIR, default "
+                   "OUTPUT_DIR/latent-cache), read back by a resumed or later run")
     p.add_argument("--latents", choices=("sample", "mean"), default=d["latents"],
                    help="VAE posterior sample or mean")
     p.add_argument("--num-workers", type=_number(int, 0), default=d["num_workers"],

@@ -82,11 +82,11 @@ class ControlNet(Method):
 
 def train_controlnet(model, dataset_config, output_dir, output_name, *, max_train_steps=5000,
                      learning_rate=1e-5, lr_scheduler="constant", lr_warmup_steps=0,
-                     optimizer="adamw", weight_decay=0.0, max_grad_norm=1.0,
-                     mixed_precision="no", gradient_checkpointing=False,
-                     gradient_accumulation_steps=1, save_every_n_steps=None,
-                     save_precision="fp32", seed=0, resume=None, noise_offset=0.0, min_snr_gamma=None,
-                     cache_latents=False, latents="sample", num_workers=0, cpu=False,
+                     optimizer="adamw", weight_decay=0.0, max_grad_norm=1.0, mixed_precision="no",
+                     gradient_checkpointing=False, gradient_accumulation_steps=1,
+                     save_every_n_steps=None, save_precision="fp32", seed=0, resume=None,
+                     noise_offset=0.0, min_snr_gamma=None, cache_latents=False,
+                     cache_latents_to_disk=False, latents="sample", num_workers=0, cpu=False,
                      progress=True) -> TrainResult:
     """Train a ControlNet for `model` on the kohya dataset config (every subset with a
     `conditioning_data_dir`); writes `output_dir/output_name.safetensors` in the original

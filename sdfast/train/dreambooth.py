@@ -142,12 +142,12 @@ class DreamBooth(Method):
 
 def train_dreambooth(model, dataset_config, output_dir, output_name, *, max_train_steps=800,
                      learning_rate=5e-6, lr_scheduler="constant", lr_warmup_steps=0,
-                     optimizer="adamw", weight_decay=0.01, max_grad_norm=1.0,
-                     mixed_precision="no", gradient_checkpointing=False,
-                     gradient_accumulation_steps=1, save_every_n_steps=None,
-                     save_precision="fp32", seed=0, resume=None, noise_offset=0.0, min_snr_gamma=None,
-                     prior_loss_weight=1.0, num_class_images=100, class_sample_steps=20,
-                     train_text_encoder=False, text_encoder_lr=None, cache_latents=False,
+                     optimizer="adamw", weight_decay=0.01, max_grad_norm=1.0, mixed_precision="no",
+                     gradient_checkpointing=False, gradient_accumulation_steps=1,
+                     save_every_n_steps=None, save_precision="fp32", seed=0, resume=None,
+                     noise_offset=0.0, min_snr_gamma=None, prior_loss_weight=1.0,
+                     num_class_images=100, class_sample_steps=20, train_text_encoder=False,
+                     text_encoder_lr=None, cache_latents=False, cache_latents_to_disk=False,
                      latents="sample", num_workers=0, cpu=False, progress=True) -> TrainResult:
     """DreamBooth `model` on the kohya dataset config (instance subsets and `is_reg` class
     subsets); writes `output_dir/output_name.safetensors` (LDM single file). Class folders with

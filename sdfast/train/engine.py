@@ -18,6 +18,7 @@ resumed run repeats an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,11 @@ def check_common_options(o):
         positive(key, o[key], float, allow_zero=True)
     check_choice("save_precision", o["save_precision"], tuple(SAVE_PRECISIONS))
     check_choice("latents", o["latents"], LATENT_MODES)
+    if o["cache_latents_to_disk"]:               # kohya's meaning: implies caching at all
+        if not isinstance(o["cache_latents_to_disk"], (bool, str, os.PathLike)):
+            raise SdfastError("cache_latents_to_disk must be True or a folder, got "
+                              f"{o['cache_latents_to_disk']!r}")
+        o["cache_latents"] = True
     if o["min_snr_gamma"] is not None:
         positive("min_snr_gamma", o["min_snr_gamma"], float)
 
@@ -116,10 +122,19 @@ class LatentCache:
     """Latents of every item computed once and kept in memory on `device`, keyed by
     `(item, size)`: each item at its own bucket up front, in chunks; an item used at another
     size (a class image fitted to an instance batch's bucket) when first asked for. Each item's
-    posterior sample has its own generator, so the cache does not depend on the order."""
+    posterior sample has its own generator, so the cache does not depend on the order.
 
-    def __init__(self, vae, data, mode, seed, device, chunk=16):
+    With a `folder` (`cache_latents_to_disk`), each item's latents are also a file there, named
+    by a hash of what they depend on (`vae_key`: the model; the image's path, size and mtime; the
+    bucket; the posterior mode and seed), read instead of encoded when present: a resumed or
+    repeated run skips the VAE. Files are written whole (temporary file, then rename), so
+    processes sharing a folder never read half a file."""
+
+    def __init__(self, vae, data, mode, seed, device, chunk=16, folder=None, vae_key=""):
         self.vae, self.data, self.mode, self.seed, self.device = vae, data, mode, seed, device
+        self.folder, self.vae_key = (None if folder is None else Path(folder)), vae_key
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
         self.latents = {}
         by_size = {}
         for index, item in enumerate(data.items):
@@ -128,8 +143,31 @@ class LatentCache:
             for i in range(0, len(indices), chunk):
                 self._encode(indices[i:i + chunk], size)
 
-    @torch.no_grad()
+    def _file(self, index, size):
+        image = Path(self.data.items[index].image).resolve()
+        stat = image.stat()
+        key = json.dumps([self.vae_key, str(image), stat.st_size, stat.st_mtime_ns, list(size),
+                          self.mode, self.seed if self.mode == "sample" else None, index])
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+
     def _encode(self, indices, size):
+        from safetensors.torch import load_file
+
+        if self.folder is None:
+            return self._compute(indices, size)
+        files = {i: self._file(i, size) for i in indices}
+        todo = [i for i in indices if not files[i].exists()]
+        for i in indices:
+            if i not in todo:
+                stored = load_file(os.fspath(files[i]))["latents"]
+                self.latents[(i, size)] = stored.to(self.device)
+        if todo:
+            self._compute(todo, size)
+            for i in todo:
+                _save_atomic({"latents": self.latents[(i, size)].cpu().contiguous()}, files[i])
+
+    @torch.no_grad()
+    def _compute(self, indices, size):
         from .dataset import load_image
 
         gens = [seeded_generator(_CACHE_TAG, self.seed, index) for index in indices]
@@ -144,6 +182,35 @@ class LatentCache:
         if missing:
             self._encode(missing, size)
         return torch.stack([self.latents[(i, size)] for i in indices])
+
+
+def _save_atomic(tensors, path):
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, os.fspath(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def latent_cache_folder(o):
+    """Where `cache_latents_to_disk` keeps latents: `OUTPUT_DIR/latent-cache` for True, or the
+    folder given (share one between runs on the same data and model); None when off."""
+    value = o["cache_latents_to_disk"]
+    if value is True:
+        return Path(o["output_dir"]) / "latent-cache"
+    return Path(value) if value else None
+
+
+def model_key(path):
+    """Identity of a model file or folder for caches: its path, sizes and mtimes."""
+    path = Path(path).resolve()
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    return json.dumps([[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files
+                       if f.is_file()])
 
 
 def latent_cache(vae, data, mode, seed, device, chunk=16):
@@ -225,7 +292,9 @@ class Method:
         from ..text import get_tokenizer
 
         tokenizer = get_tokenizer(pad_id=0 if parts.info.family == "sd2" else None)
-        cache = (LatentCache(parts.vae, data, o["latents"], o["seed"], acc.device)
+        folder = latent_cache_folder(o)
+        cache = (LatentCache(parts.vae, data, o["latents"], o["seed"], acc.device,
+                             folder=folder, vae_key=model_key(o["model"]))
                  if o["cache_latents"] else None)
         steps, device, vae = len(ModelSampling().alphas_cumprod), acc.device, parts.vae
         prior, has_reg = o.get("prior_loss_weight", 1.0), data.has_reg

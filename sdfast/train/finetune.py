@@ -134,13 +134,13 @@ def vae_crops(pixels, size, vae_config, config_path, generator):
 
 def train_finetune(model, dataset_config, output_dir, output_name, *, max_train_steps=1600,
                    learning_rate=1e-5, lr_scheduler="constant", lr_warmup_steps=0,
-                   optimizer="adamw", weight_decay=0.01, max_grad_norm=1.0,
-                   mixed_precision="no", gradient_checkpointing=False,
-                   gradient_accumulation_steps=1, save_every_n_steps=None,
-                   save_precision="fp32", seed=0, resume=None, noise_offset=0.0, min_snr_gamma=None,
-                   train_text_encoder=False, text_encoder_lr=None, train_vae=False,
-                   vae_loss="l1", kl_weight=1e-6, vae_foreground_weight=0.0,
-                   vae_edge_weight=0.0, vae_crop=None, cache_latents=False, latents="sample",
+                   optimizer="adamw", weight_decay=0.01, max_grad_norm=1.0, mixed_precision="no",
+                   gradient_checkpointing=False, gradient_accumulation_steps=1,
+                   save_every_n_steps=None, save_precision="fp32", seed=0, resume=None,
+                   noise_offset=0.0, min_snr_gamma=None, train_text_encoder=False,
+                   text_encoder_lr=None, train_vae=False, vae_loss="l1", kl_weight=1e-6,
+                   vae_foreground_weight=0.0, vae_edge_weight=0.0, vae_crop=None,
+                   cache_latents=False, cache_latents_to_disk=False, latents="sample",
                    num_workers=0, cpu=False, progress=True) -> TrainResult:
     """Fine-tune `model` on the kohya dataset config `dataset_config`; the model is written to
     `output_dir/output_name.safetensors` (see the module docstring and `sdfast.train.run`).

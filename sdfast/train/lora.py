@@ -268,11 +268,12 @@ def train_lora(model, dataset_config, output_dir, output_name, *, max_train_step
                weight_decay=0.01, max_grad_norm=1.0, mixed_precision="no",
                gradient_checkpointing=False, gradient_accumulation_steps=1,
                save_every_n_steps=None, save_precision="fp32", seed=0, resume=None,
-               noise_offset=0.0, min_snr_gamma=None, network_dim=4, network_alpha=1.0, conv_dim=None, conv_alpha=1.0,
-               unet_lr=None, text_encoder_lr=None, network_train_unet_only=False,
-               network_train_text_encoder_only=False, prior_loss_weight=1.0,
-               training_comment=None, cache_latents=False, latents="sample", num_workers=0,
-               cpu=False, progress=True) -> TrainResult:
+               noise_offset=0.0, min_snr_gamma=None, network_dim=4, network_alpha=1.0,
+               conv_dim=None, conv_alpha=1.0, unet_lr=None, text_encoder_lr=None,
+               network_train_unet_only=False, network_train_text_encoder_only=False,
+               prior_loss_weight=1.0, training_comment=None, cache_latents=False,
+               cache_latents_to_disk=False, latents="sample", num_workers=0, cpu=False,
+               progress=True) -> TrainResult:
     """Train a LoRA (LoCon with `conv_dim`) for `model` on the kohya dataset config; the file is
     `output_dir/output_name.safetensors` in kohya's format (module docstring).
 
