@@ -381,7 +381,8 @@ class Pipeline:
         if self.release_weights and self.device.type == "cpu":
             from .io.pages import release_pages
 
-            release_pages(*modules)
+            # Only torch modules hold file-mapped weights; the export backends' stages do not.
+            release_pages(*(m for m in modules if isinstance(m, torch.nn.Module)))
 
     def _inpaint_channels(self, init_image, pixel_mask, shape):
         """The 5 extra input channels of a 9-channel inpainting model: the latent-size mask and
