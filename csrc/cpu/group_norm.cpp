@@ -1,170 +1,251 @@
 // GroupNorm (+ optional per-(batch, channel) add before the norm, + optional SiLU), fp32.
 //
-// Three phases, each an OpenMP loop; the data is read twice (statistics, then normalise):
-//   1. per-channel statistics (mean_c, M2_c) in double, summing x - shift_c with shift_c the
-//      channel's first element (no cancellation in sum(d^2) - sum(d)^2 / S);
-//   2. per-group Chan combination: mean_g = avg_c mean_c, M2_g = sum_c M2_c + S sum_c
-//      (mean_c - mean_g)^2, with add[b, c] folded into mean_c (it shifts a channel, not its
-//      spread); then per channel y = x * a_c + t_c with a_c = rstd_g w_c, t_c = b_c + (add_c -
-//      mean_g) a_c;
-//   3. normalise rows: contiguous per channel (NCHW) or per position (channels-last).
+// Statistics: per-channel sums of x - shift_c (shift_c one element of the channel, so
+// sum(d^2) - sum(d)^2 / S does not cancel), in fp32 partials flushed into double every
+// kFlush vectors or rows; then per group the Chan combination mean_g = avg_c mean_c, M2_g =
+// sum_c M2_c + S sum_c (mean_c - mean_g)^2, with add[b, c] folded into mean_c (it shifts a
+// channel, not its spread), and per channel y = act(x * a_c + t_c), a_c = rstd_g w_c,
+// t_c = b_c + (add_c - mean_g) a_c.
+//
+// Rows contiguous per channel (NCHW, [B, C, N]): one task per (batch, group), single pass:
+// statistics, then normalise the same rows from L2 (an SD1.5 group is 10-160 KB) while the
+// thread's next task is prefetched into L2, so x leaves memory once and the loads overlap
+// the SiLU arithmetic. Channels-last: a group is strided over every row, and reading it
+// strided wastes half the bandwidth, so two phases over contiguous chunks of rows instead:
+// each thread sums its chunks into its own per-channel accumulators; then per group the
+// threads' sums are combined; then each thread normalises its chunks, last read first (those
+// are still in cache).
 #include <omp.h>
 
-#include <vector>
+#include <cmath>
 
-#include "common.h"
-#include "kernels.h"
+#include "isa_kernels.h"
+#include "simd.h"
 
 namespace sdfast {
 namespace cpu {
+namespace SDFAST_ISA {
 namespace {
 
-struct Moments { double mean, m2; };
+struct Moments {
+  double mean, m2;  // mean and sum of squared deviations of one channel
+};
+
+constexpr int64_t kFlush = 64;  // vectors summed in fp32 before a flush into double
+
+inline Moments finish(double shift, double s1, double s2, int64_t n) {
+  const double m2 = s2 - s1 * s1 / n;
+  return {shift + s1 / n, m2 > 0.0 ? m2 : 0.0};
+}
 
 // Statistics of one contiguous row of n floats.
 Moments row_moments(const float* x, int64_t n) {
-  const double shift = x[0];
-  const __m256d sh = _mm256_set1_pd(shift);
-  __m256d s1 = _mm256_setzero_pd(), s2 = _mm256_setzero_pd();
-  __m256d t1 = _mm256_setzero_pd(), t2 = _mm256_setzero_pd();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(x + i);
-    const __m256d lo = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), sh);
-    const __m256d hi = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), sh);
-    s1 = _mm256_add_pd(s1, lo);
-    s2 = _mm256_fmadd_pd(lo, lo, s2);
-    t1 = _mm256_add_pd(t1, hi);
-    t2 = _mm256_fmadd_pd(hi, hi, t2);
+  const float shift = x[0];
+  const vf sh = vset(shift);
+  const int64_t full = n / kW * kW;
+  double s1 = 0.0, s2 = 0.0;
+  for (int64_t c0 = 0; c0 < full; c0 += kFlush * kW) {
+    const int64_t c1 = imin(c0 + kFlush * kW, full);
+    vf a1 = vzero(), a2 = vzero(), b1 = vzero(), b2 = vzero();
+    int64_t i = c0;
+    for (; i + 2 * kW <= c1; i += 2 * kW) {
+      const vf d = vsub(vload(x + i), sh), e = vsub(vload(x + i + kW), sh);
+      a1 = vadd(a1, d);
+      a2 = vfma(d, d, a2);
+      b1 = vadd(b1, e);
+      b2 = vfma(e, e, b2);
+    }
+    if (i < c1) {
+      const vf d = vsub(vload(x + i), sh);
+      a1 = vadd(a1, d);
+      a2 = vfma(d, d, a2);
+    }
+    s1 += vsum(vadd(a1, b1));
+    s2 += vsum(vadd(a2, b2));
   }
-  double a = hsum256d(_mm256_add_pd(s1, t1)), b = hsum256d(_mm256_add_pd(s2, t2));
-  for (; i < n; ++i) {
-    const double d = x[i] - shift;
-    a += d;
-    b += d * d;
+  for (int64_t i = full; i < n; ++i) {
+    const double d = static_cast<double>(x[i]) - shift;
+    s1 += d;
+    s2 += d * d;
   }
-  return {shift + a / n, std::max(b - a * a / n, 0.0)};
+  return finish(shift, s1, s2, n);
 }
 
-// Statistics of channels [c0, c0 + cn) of a channels-last image: S rows of stride sxs.
-constexpr int64_t kChannelBlock = 64;
-void block_moments(const float* x, int64_t S, int64_t sxs, int64_t cn, Moments* out) {
-  double shift[kChannelBlock], s1[kChannelBlock] = {0}, s2[kChannelBlock] = {0};
-  for (int64_t c = 0; c < cn; ++c) shift[c] = x[c];
-  for (int64_t s = 0; s < S; ++s) {
-    const float* row = x + s * sxs;
-#pragma omp simd
+constexpr int64_t kLine = 16;  // floats per 64-byte line
+
+// d1[c] += sum_s (x[s, c] - shift[c]), d2[c] += sum_s (x[s, c] - shift[c])^2 over `rows` rows of
+// cn channels (row stride sxs); f: 2 * cn floats of scratch for the fp32 partials.
+void rows_sums(const float* x, int64_t rows, int64_t sxs, int64_t cn, const float* shift, float* f, double* d1,
+               double* d2) {
+  float *f1 = f, *f2 = f + cn;
+  const int64_t full = cn / kW * kW, left = cn - full;
+  for (int64_t s0 = 0; s0 < rows; s0 += kFlush) {
+    zero_n(f, 2 * cn);
+    for (int64_t s = s0; s < imin(s0 + kFlush, rows); ++s) {
+      const float* row = x + s * sxs;
+      for (int64_t c = 0; c < full; c += kW) {
+        const vf v = vsub(vload(row + c), vload(shift + c));
+        vstore(f1 + c, vadd(vload(f1 + c), v));
+        vstore(f2 + c, vfma(v, v, vload(f2 + c)));
+      }
+      if (left) {
+        const vf v = vsub(vload_n(row + full, left), vload_n(shift + full, left));
+        vstore_n(f1 + full, vadd(vload_n(f1 + full, left), v), left);
+        vstore_n(f2 + full, vfma(v, v, vload_n(f2 + full, left)), left);
+      }
+    }
     for (int64_t c = 0; c < cn; ++c) {
-      const double d = static_cast<double>(row[c]) - shift[c];
-      s1[c] += d;
-      s2[c] += d * d;
+      d1[c] += f1[c];
+      d2[c] += f2[c];
     }
   }
-  for (int64_t c = 0; c < cn; ++c)
-    out[c] = {shift[c] + s1[c] / S, std::max(s2[c] - s1[c] * s1[c] / S, 0.0)};
 }
 
-inline __m256 silu256(__m256 y) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  return _mm256_div_ps(y, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), y))));
+// Per-channel affine (a, t) of the channels [c0, c0 + cg) of one group of batch entry b.
+void group_affine(const GroupNormParams& p, int64_t b, int64_t c0, int64_t cg, Moments* mom, float* a, float* t) {
+  double mean = 0.0;
+  for (int64_t c = 0; c < cg; ++c) {
+    if (p.add) mom[c].mean += p.add[b * p.sab + (c0 + c) * p.sac];
+    mean += mom[c].mean;
+  }
+  mean /= cg;
+  double m2 = 0.0;
+  for (int64_t c = 0; c < cg; ++c) {
+    const double dev = mom[c].mean - mean;
+    m2 += mom[c].m2 + p.S * dev * dev;
+  }
+  const double rstd = 1.0 / std::sqrt(m2 / (static_cast<double>(p.S) * cg) + p.eps);
+  for (int64_t c = 0; c < cg; ++c) {
+    const double w = p.weight ? p.weight[c0 + c] : 1.0, bias = p.bias ? p.bias[c0 + c] : 0.0;
+    const double add = p.add ? p.add[b * p.sab + (c0 + c) * p.sac] : 0.0;
+    a[c] = static_cast<float>(rstd * w);
+    t[c] = static_cast<float>(bias + (add - mean) * rstd * w);
+  }
 }
 
-inline float silu1(float y) { return y / (1.0f + std::exp(-y)); }
+template <bool kSilu>
+inline vf act(vf y) { return kSilu ? vsilu(y) : y; }
 
-// y[i] = act(x[i] * a + t) over a contiguous row, one (a, t) for the whole row.
-void affine_row(const float* x, float* y, int64_t n, float a, float t, bool silu) {
-  const __m256 va = _mm256_set1_ps(a), vt = _mm256_set1_ps(t);
+// Rows are walked one 64-byte line (16 floats) at a time, with the same line of the thread's
+// next task (pf) prefetched into L2: memory then streams in behind the SiLU arithmetic.
+// y[i] = act(x[i] * a + t) over a contiguous row of n.
+template <bool kSilu>
+void affine_row(const float* x, float* y, int64_t n, float a, float t, const float* pf) {
+  const vf va = vset(a), vt = vset(t);
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m256 r = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), va, vt);
-    _mm256_storeu_ps(y + i, silu ? silu256(r) : r);
+  for (; i + kLine <= n; i += kLine) {
+    prefetch_l2(pf + i);
+#pragma GCC unroll 2
+    for (int64_t j = i; j < i + kLine; j += kW) vstore(y + j, act<kSilu>(vfma(vload(x + j), va, vt)));
   }
-  for (; i < n; ++i) {
-    const float r = std::fma(x[i], a, t);
-    y[i] = silu ? silu1(r) : r;
+  for (; i + kW <= n; i += kW) vstore(y + i, act<kSilu>(vfma(vload(x + i), va, vt)));
+  if (i < n) vstore_n(y + i, act<kSilu>(vfma(vload_n(x + i, n - i), va, vt)), n - i);
+}
+
+// y[i] = act(x[i] * a[i] + t[i]) over a contiguous row of n.
+template <bool kSilu>
+void affine_row(const float* x, float* y, int64_t n, const float* a, const float* t, const float* pf) {
+  int64_t i = 0;
+  for (; i + kLine <= n; i += kLine) {
+    prefetch_l2(pf + i);
+#pragma GCC unroll 2
+    for (int64_t j = i; j < i + kLine; j += kW)
+      vstore(y + j, act<kSilu>(vfma(vload(x + j), vload(a + j), vload(t + j))));
+  }
+  for (; i + kW <= n; i += kW) vstore(y + i, act<kSilu>(vfma(vload(x + i), vload(a + i), vload(t + i))));
+  if (i < n) {
+    const int64_t m = n - i;
+    vstore_n(y + i, act<kSilu>(vfma(vload_n(x + i, m), vload_n(a + i, m), vload_n(t + i, m))), m);
   }
 }
 
-// y[i] = act(x[i] * a[i] + t[i]) over a contiguous row.
-void affine_row(const float* x, float* y, int64_t n, const float* a, const float* t, bool silu) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m256 r = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(a + i), _mm256_loadu_ps(t + i));
-    _mm256_storeu_ps(y + i, silu ? silu256(r) : r);
+// One (batch, group) of rows contiguous per channel; next_x: the thread's next task's rows.
+template <bool kSilu>
+void group_task(const GroupNormParams& p, int64_t b, int64_t c0, const float* next_x, Moments* mom, float* a,
+                float* t) {
+  const int64_t cg = p.C / p.G;
+  const float* x = p.x + b * p.sxb + c0 * p.sxc;
+  float* y = p.y + b * p.syb + c0 * p.syc;
+  for (int64_t c = 0; c < cg; ++c) mom[c] = row_moments(x + c * p.sxc, p.S);
+  group_affine(p, b, c0, cg, mom, a, t);
+  for (int64_t c = 0; c < cg; ++c) affine_row<kSilu>(x + c * p.sxc, y + c * p.syc, p.S, a[c], t[c], next_x + c * p.sxc);
+}
+
+template <bool kSilu>
+void run_rows(const GroupNormParams& p) {
+  const int64_t cg = p.C / p.G, tasks = p.B * p.G;
+  auto task_x = [&](int64_t k) { return p.x + k / p.G * p.sxb + k % p.G * cg * p.sxc; };
+  // A thread knows the next task it will run and prefetches it; with none left it
+  // "prefetches" its own rows.
+  std::atomic<int64_t> counter{0};
+#pragma omp parallel
+  {
+    Buf<Moments> mom(cg);
+    Buf<float> a(cg), t(cg);
+    for_each_task_ahead(counter, tasks, [&](int64_t cur, int64_t next) {
+      group_task<kSilu>(p, cur / p.G, cur % p.G * cg, task_x(next < tasks ? next : cur), mom.data(), a.data(), t.data());
+    });
   }
-  for (; i < n; ++i) {
-    const float r = std::fma(x[i], a[i], t[i]);
-    y[i] = silu ? silu1(r) : r;
+}
+
+constexpr int64_t kChunkBytes = 64 * 1024;  // rows per channels-last chunk: about 64 KB
+
+template <bool kSilu>
+void run_channels_last(const GroupNormParams& p) {
+  const int64_t B = p.B, C = p.C, cg = C / p.G;
+  const int64_t rows = imax(1, kChunkBytes / (C * 4)), per_batch = (p.S + rows - 1) / rows, tasks = B * per_batch;
+  Buf<double> sums(static_cast<int64_t>(omp_get_max_threads()) * B * C * 2);
+  Buf<float> a(B * C), t(B * C);
+#pragma omp parallel
+  {
+    const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t t0 = tasks * tid / nth, t1 = tasks * (tid + 1) / nth;
+    double* mine = sums.data() + tid * B * C * 2;  // [B][2][C]
+    for (int64_t i = 0; i < B * C * 2; ++i) mine[i] = 0.0;
+    Buf<float> f(2 * C);
+    for (int64_t k = t0; k < t1; ++k) {
+      const int64_t b = k / per_batch, s0 = k % per_batch * rows;
+      const float* xb = p.x + b * p.sxb;  // row 0 of the batch entry is every chunk's shift
+      rows_sums(xb + s0 * p.sxs, imin(rows, p.S - s0), p.sxs, C, xb, f.data(), mine + b * 2 * C, mine + b * 2 * C + C);
+    }
+#pragma omp barrier
+    Buf<Moments> mom(cg);
+#pragma omp for schedule(static)
+    for (int64_t bg = 0; bg < B * p.G; ++bg) {
+      const int64_t b = bg / p.G, c0 = bg % p.G * cg;
+      for (int64_t c = 0; c < cg; ++c) {
+        double s1 = 0.0, s2 = 0.0;
+        for (int64_t th = 0; th < nth; ++th) {
+          s1 += sums[(th * B + b) * 2 * C + c0 + c];
+          s2 += sums[(th * B + b) * 2 * C + C + c0 + c];
+        }
+        mom[c] = finish(p.x[b * p.sxb + c0 + c], s1, s2, p.S);
+      }
+      group_affine(p, b, c0, cg, mom.data(), a.data() + b * C + c0, t.data() + b * C + c0);
+    }
+    for (int64_t k = t1 - 1; k >= t0; --k) {
+      const int64_t b = k / per_batch, s0 = k % per_batch * rows;
+      for (int64_t s = s0; s < imin(s0 + rows, p.S); ++s) {
+        const float* x = p.x + b * p.sxb + s * p.sxs;
+        affine_row<kSilu>(x, p.y + b * p.syb + s * p.sys, C, a.data() + b * C, t.data() + b * C, x);
+      }
+    }
   }
 }
 
 }  // namespace
 
 void group_norm(const GroupNormParams& p) {
-  const int64_t B = p.B, C = p.C, S = p.S, G = p.G, Cg = C / G;
   const bool channels_last = p.sxs != 1;  // then sxc == 1 (checked on the Python side)
-  std::vector<Moments> mom(B * C);
-  std::vector<float> scale(B * C), shift(B * C);
-
-  // 1. per-channel moments
-  if (!channels_last) {
-#pragma omp parallel for schedule(static)
-    for (int64_t bc = 0; bc < B * C; ++bc) {
-      const int64_t b = bc / C, c = bc % C;
-      mom[bc] = row_moments(p.x + b * p.sxb + c * p.sxc, S);
-    }
+  if (channels_last) {
+    if (p.silu) run_channels_last<true>(p);
+    else run_channels_last<false>(p);
   } else {
-    const int64_t nblk = (C + kChannelBlock - 1) / kChannelBlock;
-#pragma omp parallel for schedule(static)
-    for (int64_t bk = 0; bk < B * nblk; ++bk) {
-      const int64_t b = bk / nblk, c0 = (bk % nblk) * kChannelBlock;
-      block_moments(p.x + b * p.sxb + c0, S, p.sxs, std::min(kChannelBlock, C - c0), &mom[b * C + c0]);
-    }
-  }
-
-  // 2. group statistics -> per-channel affine
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t c0 = g * Cg;
-      double mean = 0.0;
-      for (int64_t c = c0; c < c0 + Cg; ++c) {
-        double m = mom[b * C + c].mean;
-        if (p.add) m += p.add[b * p.sab + c * p.sac];
-        mom[b * C + c].mean = m;
-        mean += m;
-      }
-      mean /= Cg;
-      double m2 = 0.0;
-      for (int64_t c = c0; c < c0 + Cg; ++c) {
-        const double d = mom[b * C + c].mean - mean;
-        m2 += mom[b * C + c].m2 + S * d * d;
-      }
-      const double rstd = 1.0 / std::sqrt(m2 / (static_cast<double>(S) * Cg) + p.eps);
-      for (int64_t c = c0; c < c0 + Cg; ++c) {
-        const double w = p.weight ? p.weight[c] : 1.0, bias = p.bias ? p.bias[c] : 0.0;
-        const double a = rstd * w;
-        const double add = p.add ? p.add[b * p.sab + c * p.sac] : 0.0;
-        scale[b * C + c] = static_cast<float>(a);
-        shift[b * C + c] = static_cast<float>(bias + (add - mean) * a);
-      }
-    }
-  }
-
-  // 3. normalise
-  if (!channels_last) {
-#pragma omp parallel for schedule(static)
-    for (int64_t bc = 0; bc < B * C; ++bc) {
-      const int64_t b = bc / C, c = bc % C;
-      affine_row(p.x + b * p.sxb + c * p.sxc, p.y + b * p.syb + c * p.syc, S, scale[bc], shift[bc], p.silu);
-    }
-  } else {
-#pragma omp parallel for schedule(static)
-    for (int64_t bs = 0; bs < B * S; ++bs) {
-      const int64_t b = bs / S, s = bs % S;
-      affine_row(p.x + b * p.sxb + s * p.sxs, p.y + b * p.syb + s * p.sys, C, &scale[b * C], &shift[b * C], p.silu);
-    }
+    if (p.silu) run_rows<true>(p);
+    else run_rows<false>(p);
   }
 }
 
+}  // namespace SDFAST_ISA
 }  // namespace cpu
 }  // namespace sdfast

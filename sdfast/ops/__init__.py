@@ -43,8 +43,10 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, silu=False, add=None, back
                 or any(n != 1 for n in add.shape[2:])):
             raise SdfastError(f"group_norm: add has shape {tuple(add.shape)}, expected "
                               f"[{x.shape[0]}, {c}] (trailing 1s allowed)")
-    return torch.ops.sdfast.group_norm(x, int(num_groups), weight, bias, float(eps), bool(silu),
-                                       add, _backend_arg(backend))
+    args = (x, int(num_groups), weight, bias, float(eps), bool(silu), add, _backend_arg(backend))
+    if _custom.eager(x, weight, bias, add):
+        return _custom.run_group_norm(*args)
+    return torch.ops.sdfast.group_norm(*args)
 
 
 def attention(q, k, v, backend=None):
@@ -59,6 +61,8 @@ def attention(q, k, v, backend=None):
     if q.shape[:2] != k.shape[:2]:
         raise SdfastError(f"attention: q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch "
                           "or heads")
+    if _custom.eager(q, k, v):
+        return _custom.run_attention(q, k, v, _backend_arg(backend))
     return torch.ops.sdfast.attention(q, k, v, _backend_arg(backend))
 
 
@@ -68,7 +72,34 @@ def lora_merge_(weight, up, down, scale, backend=None):
     Linear: weight [O, I], up [O, r], down [r, I]. Conv: weight [O, I, kh, kw], up [O, r, 1, 1]
     (or [O, r]), down [r, I, kh, kw]. Lists for `up`, `down` and `scale` merge several LoRAs
     in one pass over the weight.
+
+    Several weights in one pass: `weight` a list of weights and `up`, `down`, `scale` lists
+    with one entry per weight (each entry as above: one LoRA or a list of them); returns the
+    list. Backends with a batched form (cpu) then spread all the layers over their threads at
+    once instead of one call per layer.
     """
+    backend = _backend_arg(backend)
+    if isinstance(weight, (list, tuple)):
+        if not len(weight) == len(up) == len(down) == len(scale):
+            raise SdfastError(f"lora_merge_: {len(weight)} weights but {len(up)} ups, {len(down)} "
+                              f"downs, {len(scale)} scales")
+        calls = [_lora_args(*entry) for entry in zip(weight, up, down, scale)]
+        if _custom.eager(*(t for w, ups, downs, _ in calls for t in (w, *ups, *downs))):
+            _custom.run_lora_merge_layers(calls, backend)
+        else:
+            for w, ups, downs, scales in calls:
+                torch.ops.sdfast.lora_merge(w, ups, downs, scales, backend)
+        return weight
+    weight, ups, downs, scales = _lora_args(weight, up, down, scale)
+    if _custom.eager(weight, *ups, *downs):
+        _custom.run_lora_merge(weight, ups, downs, scales, backend)
+    else:
+        torch.ops.sdfast.lora_merge(weight, ups, downs, scales, backend)
+    return weight
+
+
+def _lora_args(weight, up, down, scale):
+    """One weight's checked (weight, ups, downs, scales), the LoRAs as lists."""
     ups, downs, scales = (list(a) if isinstance(a, (list, tuple)) else [a]
                           for a in (up, down, scale))
     if not len(ups) == len(downs) == len(scales):
@@ -81,6 +112,4 @@ def lora_merge_(weight, up, down, scale, backend=None):
         if u.shape[0] != o or u[0].numel() != r or d[0].numel() != inner:
             raise SdfastError(f"lora_merge_: up {tuple(u.shape)} @ down {tuple(d.shape)} does not "
                               f"give weight {tuple(weight.shape)}")
-    torch.ops.sdfast.lora_merge(weight, ups, downs, [float(s) for s in scales],
-                                _backend_arg(backend))
-    return weight
+    return weight, ups, downs, [float(s) for s in scales]
