@@ -2,8 +2,8 @@
 //
 // One OpenMP region in two loops. The first packs every head's K transposed (Kt [D, Mp], Mp =
 // M rounded up to whole vectors, zero-padded) and V ([M, Dp]) so the GEMM tiles (gemm.h)
-// stream whole vectors. The second runs over (batch, block of kQueryBlock queries), every
-// head in turn; per head, for each block of keys:
+// stream whole vectors. The second runs over blocks of kQueryBlock queries (see attention()
+// for the task order); per head, for each block of keys:
 //   S = Q Kt[:, blk]                                (register-blocked GEMM, k = D)
 //   m' = max(m, rowmax(S)), P = exp(scale (S - m')), l = l c + rowsum(P), c = e^(scale (m - m'))
 //   O = O c + P V[blk]                              (register-blocked GEMM, k = keys)
@@ -27,6 +27,7 @@ namespace {
 constexpr int64_t kQueryBlock = 48;  // a multiple of every tile height (6, 8) but 5
 constexpr int64_t kWholeKV = 512;
 constexpr int64_t kKeyBlock = 256;
+constexpr int64_t kKVCacheBytes = 1 << 20;  // packed K/V of all heads that stay in L2 together
 
 struct Shape {
   int64_t Mp, Dp, KB, lds;  // padded keys, padded head dim, key block, score row stride
@@ -116,15 +117,6 @@ void softmax_block(float* S, int64_t lds, int64_t rows, int64_t kb, float scale,
   }
 }
 
-// Prefetch the q and o rows of queries [i0, i0 + kQueryBlock) of batch entry b, every head.
-void prefetch_rows(const AttentionParams& p, int64_t b, int64_t i0) {
-  for (int64_t i = i0; i < imin(i0 + kQueryBlock, p.N); ++i)
-    for (int64_t h = 0; h < p.H; ++h) {
-      prefetch_l2(p.q + b * p.sqb + h * p.sqh + i * p.sqn, p.D);
-      prefetch_l2(p.o + b * p.sob + h * p.soh + i * p.son, p.D);
-    }
-}
-
 struct Scratch {
   Scratch(const AttentionParams& p, const Shape& s)
       : S(kQueryBlock * s.lds), O(p.M > s.KB ? kQueryBlock * s.Dp : 0), m(kQueryBlock), l(kQueryBlock) {}
@@ -162,6 +154,7 @@ void query_block(const AttentionParams& p, const Shape& s, int64_t b, int64_t h,
 }  // namespace
 
 void attention(const AttentionParams& p) {
+  if (p.B * p.H * p.N * p.D == 0) return;  // M >= 1 (checked on the Python side)
   Shape s;
   s.Mp = round_up(p.M, kW);
   s.Dp = round_up(p.D, kW);
@@ -170,28 +163,29 @@ void attention(const AttentionParams& p) {
   s.lds = round_up(s.KB, kW);
   const int64_t BH = p.B * p.H, kt_size = p.D * s.Mp, vp_size = p.M * s.Dp;
   Buf<float> kt(BH * kt_size), vp(BH * vp_size);
-  // A task is one block of queries of one batch entry, for every head in turn: q and o rows
-  // of the usual [B, N, H, D] layout are then read and written whole, and the K/V of all
-  // heads (H x 2 x M x D floats: 200-800 KB for SD1.5 cross-attention) stay in L2.
-  // The thread's next task's q and o rows are prefetched (head-strided rows defeat the
-  // hardware prefetchers; in [B, N, H, D] memory a task's rows are one contiguous stretch).
-  const int64_t nqb = (p.N + kQueryBlock - 1) / kQueryBlock, tasks = p.B * nqb;
-  std::atomic<int64_t> counter{0};
+  // A task is a block of queries of one batch entry, for every head in turn when the K/V of
+  // all heads fit in L2 (cross-attention: H x 2 x 77 x D floats, 200-800 KB for SD1.5): the q
+  // and o rows of the usual [B, N, H, D] layout are then read and written whole. Otherwise
+  // (self-attention) a task is one head's block and tasks go head by head, so that head's K/V
+  // stays in L2 from one query block to the next.
+  const bool all_heads = p.H * (kt_size + vp_size) * 4 <= kKVCacheBytes;
+  const int64_t hpt = all_heads ? p.H : 1, groups = p.H / hpt;
+  const int64_t nqb = (p.N + kQueryBlock - 1) / kQueryBlock, tasks = p.B * groups * nqb;
 #pragma omp parallel
   {
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < BH; ++bh)
       pack_head(p, s, bh / p.H, bh % p.H, kt.data() + bh * kt_size, vp.data() + bh * vp_size);
     Scratch w(p, s);
-    for_each_task_ahead(counter, tasks, [&](int64_t t, int64_t next) {
-      const int64_t b = t / nqb, i0 = t % nqb * kQueryBlock;
-      if (next < tasks) prefetch_rows(p, next / nqb, next % nqb * kQueryBlock);
-      for (int64_t h = 0; h < p.H; ++h) {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t bg = t / nqb, i0 = t % nqb * kQueryBlock, b = bg / groups;
+      for (int64_t h = bg % groups * hpt; h < (bg % groups + 1) * hpt; ++h) {
         const int64_t bh = b * p.H + h;
         query_block(p, s, b, h, i0, imin(kQueryBlock, p.N - i0), kt.data() + bh * kt_size,
                     vp.data() + bh * vp_size, w);
       }
-    });
+    }
   }
 }
 

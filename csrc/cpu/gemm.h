@@ -106,7 +106,8 @@ inline void gemm_cols(int nv, const float* A, int64_t lda, const float* B, int64
 }
 
 // C[m, n] (+)= (A[m, k] @ B[k, n]) * rs[m] (rs may be null), n >= 1 columns (B readable to whole
-// vectors).
+// vectors). Column groups outer, row tiles inner: a group's B panel is reused by every tile.
+// (Splitting k so that the panel stays in L1 measured no faster for k = 160.)
 template <bool kAcc>
 inline void gemm(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t m,
                  int64_t n, int64_t k, const float* rs = nullptr) {

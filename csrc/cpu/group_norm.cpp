@@ -14,7 +14,7 @@
 // strided wastes half the bandwidth, so two phases over contiguous chunks of rows instead:
 // each thread sums its chunks into its own per-channel accumulators; then per group the
 // threads' sums are combined; then each thread normalises its chunks, last read first (those
-// are still in cache).
+// are still in cache), in waves of batch entries sized for L2.
 #include <omp.h>
 
 #include <cmath>
@@ -188,54 +188,68 @@ void run_rows(const GroupNormParams& p) {
   }
 }
 
-constexpr int64_t kChunkBytes = 64 * 1024;  // rows per channels-last chunk: about 64 KB
+constexpr int64_t kChunkBytes = 64 * 1024;      // rows per channels-last chunk: about 64 KB
+constexpr int64_t kWaveBytes = 3 * 1024 * 1024 / 2;  // one thread's share of a wave (in L2)
 
+// Channels-last, one wave of batch entries [b0, b1): phase 1 (sums), combine, phase 2.
+template <bool kSilu>
+void channels_last_wave(const GroupNormParams& p, int64_t b0, int64_t b1, int64_t rows, double* sums, float* a,
+                        float* t, float* f, Moments* mom) {
+  const int64_t C = p.C, cg = C / p.G, per_batch = (p.S + rows - 1) / rows, tasks = (b1 - b0) * per_batch;
+  const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
+  const int64_t t0 = tasks * tid / nth, t1 = tasks * (tid + 1) / nth;
+  double* mine = sums + tid * p.B * C * 2;  // [B][2][C] per thread
+  for (int64_t i = b0 * C * 2; i < b1 * C * 2; ++i) mine[i] = 0.0;
+  for (int64_t k = t0; k < t1; ++k) {
+    const int64_t b = b0 + k / per_batch, s0 = k % per_batch * rows;
+    const float* xb = p.x + b * p.sxb;  // row 0 of the batch entry is every chunk's shift
+    rows_sums(xb + s0 * p.sxs, imin(rows, p.S - s0), p.sxs, C, xb, f, mine + b * 2 * C, mine + b * 2 * C + C);
+  }
+#pragma omp barrier
+#pragma omp for schedule(static)
+  for (int64_t bg = b0 * p.G; bg < b1 * p.G; ++bg) {
+    const int64_t b = bg / p.G, c0 = bg % p.G * cg;
+    for (int64_t c = 0; c < cg; ++c) {
+      double s1 = 0.0, s2 = 0.0;
+      for (int64_t th = 0; th < nth; ++th) {
+        s1 += sums[(th * p.B + b) * 2 * C + c0 + c];
+        s2 += sums[(th * p.B + b) * 2 * C + C + c0 + c];
+      }
+      mom[c] = finish(p.x[b * p.sxb + c0 + c], s1, s2, p.S);
+    }
+    group_affine(p, b, c0, cg, mom, a + b * C + c0, t + b * C + c0);
+  }
+  for (int64_t k = t1 - 1; k >= t0; --k) {  // last read first: still in L2
+    const int64_t b = b0 + k / per_batch, s0 = k % per_batch * rows;
+    for (int64_t s = s0; s < imin(s0 + rows, p.S); ++s) {
+      const float* x = p.x + b * p.sxb + s * p.sxs;
+      affine_row<kSilu>(x, p.y + b * p.syb + s * p.sys, C, a + b * C, t + b * C, x);
+    }
+  }
+}
+
+// Batch entries go in waves small enough that each thread's rows of a wave fit in L2 (one
+// entry per wave when even that does not fit), so phase 2 reads them from there.
 template <bool kSilu>
 void run_channels_last(const GroupNormParams& p) {
-  const int64_t B = p.B, C = p.C, cg = C / p.G;
-  const int64_t rows = imax(1, kChunkBytes / (C * 4)), per_batch = (p.S + rows - 1) / rows, tasks = B * per_batch;
-  Buf<double> sums(static_cast<int64_t>(omp_get_max_threads()) * B * C * 2);
-  Buf<float> a(B * C), t(B * C);
+  const int64_t C = p.C, cg = C / p.G, rows = imax(1, kChunkBytes / (C * 4));
+  Buf<double> sums(static_cast<int64_t>(omp_get_max_threads()) * p.B * C * 2);
+  Buf<float> a(p.B * C), t(p.B * C);
 #pragma omp parallel
   {
-    const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
-    const int64_t t0 = tasks * tid / nth, t1 = tasks * (tid + 1) / nth;
-    double* mine = sums.data() + tid * B * C * 2;  // [B][2][C]
-    for (int64_t i = 0; i < B * C * 2; ++i) mine[i] = 0.0;
+    const int64_t per_wave = imax(1, omp_get_num_threads() * kWaveBytes / (p.S * C * 4));
     Buf<float> f(2 * C);
-    for (int64_t k = t0; k < t1; ++k) {
-      const int64_t b = k / per_batch, s0 = k % per_batch * rows;
-      const float* xb = p.x + b * p.sxb;  // row 0 of the batch entry is every chunk's shift
-      rows_sums(xb + s0 * p.sxs, imin(rows, p.S - s0), p.sxs, C, xb, f.data(), mine + b * 2 * C, mine + b * 2 * C + C);
-    }
-#pragma omp barrier
     Buf<Moments> mom(cg);
-#pragma omp for schedule(static)
-    for (int64_t bg = 0; bg < B * p.G; ++bg) {
-      const int64_t b = bg / p.G, c0 = bg % p.G * cg;
-      for (int64_t c = 0; c < cg; ++c) {
-        double s1 = 0.0, s2 = 0.0;
-        for (int64_t th = 0; th < nth; ++th) {
-          s1 += sums[(th * B + b) * 2 * C + c0 + c];
-          s2 += sums[(th * B + b) * 2 * C + C + c0 + c];
-        }
-        mom[c] = finish(p.x[b * p.sxb + c0 + c], s1, s2, p.S);
-      }
-      group_affine(p, b, c0, cg, mom.data(), a.data() + b * C + c0, t.data() + b * C + c0);
-    }
-    for (int64_t k = t1 - 1; k >= t0; --k) {
-      const int64_t b = k / per_batch, s0 = k % per_batch * rows;
-      for (int64_t s = s0; s < imin(s0 + rows, p.S); ++s) {
-        const float* x = p.x + b * p.sxb + s * p.sxs;
-        affine_row<kSilu>(x, p.y + b * p.syb + s * p.sys, C, a.data() + b * C, t.data() + b * C, x);
-      }
-    }
+    for (int64_t b0 = 0; b0 < p.B; b0 += per_wave)
+      channels_last_wave<kSilu>(p, b0, imin(b0 + per_wave, p.B), rows, sums.data(), a.data(), t.data(), f.data(),
+                                mom.data());
   }
 }
 
 }  // namespace
 
 void group_norm(const GroupNormParams& p) {
+  if (p.B == 0 || p.C == 0 || p.S == 0) return;
   const bool channels_last = p.sxs != 1;  // then sxc == 1 (checked on the Python side)
   if (channels_last) {
     if (p.silu) run_channels_last<true>(p);

@@ -169,6 +169,8 @@ static void run_all() {
   test_group_norm(2, 640, 63, 32, true, true, true);    // 20-channel groups, 80-channel tasks
   test_group_norm(2, 40, 17, 8, true, true, false);     // 5-channel groups: one group per task
   test_group_norm(1, 1280, 9, 32, false, true, true);
+  test_group_norm(3, 64, 8192, 32, true, true, true);   // 2 MB per batch entry: one per wave
+  test_group_norm(2, 64, 0, 32, false, true, false);     // empty: nothing to do
   test_attention(1, 2, 70, 77, 40, 0);
   test_attention(2, 1, 33, 154, 80, 0);
   test_attention(1, 1, 65, 300, 64, 64);

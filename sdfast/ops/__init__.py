@@ -9,6 +9,8 @@ Force a backend with the `backend=` argument, `with use_backend("cpu"):` or the 
 variable SDFAST_BACKEND (`cpu`, or per op: `attention=cpu,group_norm=reference`); forcing a
 backend that is not available here, or that cannot run the arguments, raises SdfastError.
 """
+import math
+
 import torch
 
 from sdfast.errors import SdfastError
@@ -83,7 +85,7 @@ def lora_merge_(weight, up, down, scale, backend=None):
         if not len(weight) == len(up) == len(down) == len(scale):
             raise SdfastError(f"lora_merge_: {len(weight)} weights but {len(up)} ups, {len(down)} "
                               f"downs, {len(scale)} scales")
-        calls = [_lora_args(*entry) for entry in zip(weight, up, down, scale)]
+        calls = [c for c in map(_lora_args, weight, up, down, scale) if c[0].numel()]
         if _custom.eager(*(t for w, ups, downs, _ in calls for t in (w, *ups, *downs))):
             _custom.run_lora_merge_layers(calls, backend)
         else:
@@ -91,6 +93,8 @@ def lora_merge_(weight, up, down, scale, backend=None):
                 torch.ops.sdfast.lora_merge(w, ups, downs, scales, backend)
         return weight
     weight, ups, downs, scales = _lora_args(weight, up, down, scale)
+    if weight.numel() == 0:  # nothing to merge
+        return weight
     if _custom.eager(weight, *ups, *downs):
         _custom.run_lora_merge(weight, ups, downs, scales, backend)
     else:
@@ -104,12 +108,12 @@ def _lora_args(weight, up, down, scale):
                           for a in (up, down, scale))
     if not len(ups) == len(downs) == len(scales):
         raise SdfastError(f"lora_merge_: {len(ups)} ups, {len(downs)} downs, {len(scales)} scales")
-    o, inner = weight.shape[0], weight[0].numel() if weight.dim() > 1 else None
-    if inner is None:
+    if weight.dim() < 2:
         raise SdfastError(f"lora_merge_: weight must be [O, I] or [O, I, kh, kw], got {tuple(weight.shape)}")
+    o, inner = weight.shape[0], math.prod(weight.shape[1:])
     for u, d in zip(ups, downs):
         r = d.shape[0]
-        if u.shape[0] != o or u[0].numel() != r or d[0].numel() != inner:
+        if u.shape[0] != o or math.prod(u.shape[1:]) != r or math.prod(d.shape[1:]) != inner:
             raise SdfastError(f"lora_merge_: up {tuple(u.shape)} @ down {tuple(d.shape)} does not "
                               f"give weight {tuple(weight.shape)}")
     return weight, ups, downs, [float(s) for s in scales]
