@@ -24,7 +24,8 @@ namespace cpu {
 namespace SDFAST_ISA {
 namespace {
 
-constexpr int64_t kQueryBlock = 48;  // a multiple of every tile height (6, 8) but 5
+// Queries per block: a multiple of the tile heights (gemm.h: AVX2 6; AVX-512 5 and 8).
+constexpr int64_t kQueryBlock = kRegs < 32 ? 48 : 40;
 constexpr int64_t kWholeKV = 512;
 constexpr int64_t kKeyBlock = 256;
 constexpr int64_t kKVCacheBytes = 1 << 20;  // packed K/V of all heads that stay in L2 together
@@ -36,11 +37,12 @@ struct Shape {
 void pack_head(const AttentionParams& p, const Shape& s, int64_t b, int64_t h, float* kt, float* vp) {
   const float* k = p.k + b * p.skb + h * p.skh;
   const float* v = p.v + b * p.svb + h * p.svh;
-  for (int64_t d = 0; d < p.D; ++d) {
-    float* row = kt + d * s.Mp;
-    for (int64_t j = 0; j < p.M; ++j) row[j] = k[j * p.skm + d];
-    zero_n(row + p.M, s.Mp - p.M);
-  }
+  // Kt = K^T in blocks of 16 keys: 16 rows of K are live at a time (all M rows at a stride
+  // of H * D floats would map onto a few L1 sets and evict each other).
+  for (int64_t j0 = 0; j0 < p.M; j0 += 16)
+    for (int64_t d = 0; d < p.D; ++d)
+      for (int64_t j = j0; j < imin(j0 + 16, p.M); ++j) kt[d * s.Mp + j] = k[j * p.skm + d];
+  for (int64_t d = 0; d < p.D; ++d) zero_n(kt + d * s.Mp + p.M, s.Mp - p.M);
   for (int64_t j = 0; j < p.M; ++j) {
     copy_n(v + j * p.svm, p.D, vp + j * s.Dp);
     zero_n(vp + j * s.Dp + p.D, s.Dp - p.D);

@@ -10,7 +10,7 @@
 // Rows contiguous per channel (NCHW, [B, C, N]): one task per (batch, group), single pass:
 // statistics, then normalise the same rows from L2 (an SD1.5 group is 10-160 KB) while the
 // thread's next task is prefetched into L2, so x leaves memory once and the loads overlap
-// the SiLU arithmetic. Channels-last: a group is strided over every row, and reading it
+// the SiLU arithmetic. Channels-last (and HW = 1): a group is strided over every row, and reading it
 // strided wastes half the bandwidth, so two phases over contiguous chunks of rows instead:
 // each thread sums its chunks into its own per-channel accumulators; then per group the
 // threads' sums are combined; then each thread normalises its chunks, last read first (those
@@ -250,7 +250,9 @@ void run_channels_last(const GroupNormParams& p) {
 
 void group_norm(const GroupNormParams& p) {
   if (p.B == 0 || p.C == 0 || p.S == 0) return;
-  const bool channels_last = p.sxs != 1;  // then sxc == 1 (checked on the Python side)
+  // Channels-last, or rows of one element (HW = 1: both layouts are the same memory, and
+  // rows of whole channels beat one task per group of single-element rows).
+  const bool channels_last = p.sxs != 1 || (p.S == 1 && p.sxc == 1 && p.syc == 1);
   if (channels_last) {
     if (p.silu) run_channels_last<true>(p);
     else run_channels_last<false>(p);

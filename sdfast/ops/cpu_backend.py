@@ -1,4 +1,5 @@
-"""The `cpu` backend: csrc/cpu (OpenMP + AVX2, fp32) through the torch-free module sdfast._C.
+"""The `cpu` backend: csrc/cpu (OpenMP, fp32; AVX2 and AVX-512 builds, the best the CPU has at
+run time) through the torch-free module sdfast._C.
 
 This file is the boundary: it checks the tensors, makes the few copies a kernel cannot do
 without (a layout it has no stride pattern for, a non-fp32 LoRA factor) and passes
@@ -56,25 +57,32 @@ def supports_group_norm(x, num_groups, weight, bias, eps, silu, add):
                          _cpu_f32("add", add))
 
 
-# Where the fused kernels beat torch on the 2-core AVX2 machine (bench/results/kernels-cpu.json,
-# SD1.5 shapes, fp32): group norm from 16x16 spatial (1.3-2.5x) but not at 8x8 (0.7-0.9x);
-# cross-attention (M = 77) up to head dim 80 (1.1-1.2x) but not 160 (0.87x) nor self-attention
-# (0.5-0.8x: torch's SDPA is a better flash kernel there); LoRA merge never (0.83x of addmm_).
-GN_MIN_SPATIAL = 256
-ATTN_MAX_KEYS = 256
-ATTN_MAX_HEAD_DIM = 80
+# Where the cpu kernels beat the reference backend (what automatic selection would run
+# instead), as bench/kernels.py and the issue's shapes measured them (bench/results/
+# kernels-cpu.json; fp32, AVX-512 and AVX2 builds on the same 2-core machine):
+# - group norm: from about 32 K elements (1.3-4x at SD1.5 ResBlock shapes; at 10 K elements
+#   about even, below that the fixed per-call cost loses to torch);
+# - attention with one key block (M <= 512: cross-attention, 77 x chunks keys): with AVX-512
+#   1.0-2x at every head dim; with AVX2 only up to head dim 48 (D 80-160: 0.7-0.9x);
+#   self-attention at SD lengths stays on torch's SDPA (0.8-1.1x);
+# - LoRA merge: always (the reference recomputes in fp32 copies; the kernel is one pass).
+GN_MIN_NUMEL = 32768
+ATTN_MAX_KEYS = 512          # the kernel's one-key-block limit (csrc/cpu/attention.cpp kWholeKV)
+ATTN_MAX_HEAD_DIM_AVX2 = 48
 
 
 def faster_group_norm(x, num_groups, weight, bias, eps, silu, add):
-    return x[0, 0].numel() >= GN_MIN_SPATIAL
+    return x.numel() >= GN_MIN_NUMEL
 
 
 def faster_attention(q, k, v):
-    return k.shape[-2] <= ATTN_MAX_KEYS and q.shape[-1] <= ATTN_MAX_HEAD_DIM
+    if k.shape[-2] > ATTN_MAX_KEYS:
+        return False
+    return _C.cpu_isa() == "avx512" or q.shape[-1] <= ATTN_MAX_HEAD_DIM_AVX2
 
 
 def faster_lora_merge(weight, ups, downs, scales):
-    return False
+    return True
 
 
 def _rows_view(x):
