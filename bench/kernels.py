@@ -19,8 +19,8 @@ one core's efficiency, blind to the time a busy machine takes the core away.
 - lora_merge: a rank-32 LoRA merged into every attention projection of the SD1.5 UNet (to_q,
   to_k, to_v, to_out.0 of its 16 transformer blocks); baseline a per-layer
   `weight.addmm_(up, down, alpha=scale)` loop; each backend once with the whole list of weights
-  (`lora_merge_(weights, ups, downs, scales)`) and once per layer. GB/s = (read + write of
-  every weight) / t.
+  (`lora_merge_(weights, ups, downs, scales)`) and once per layer; beside them, as the floor
+  any in-place merge has, `w.mul_(1)` on every weight. GB/s = (read + write of every weight) / t.
 
 The summary prints each backend's speed-up over the baseline and writes everything, with the
 machine (its load average before and after, the CPU kernels' instruction set) and the torch
@@ -191,7 +191,11 @@ def bench_lora_merge(device, dtype, rounds, quick, rank=32):
         for w, u, d in zip(weights, ups, downs):
             w.addmm_(u, d, alpha=scale)
 
-    fns = {"baseline": baseline}
+    def floor():  # what any in-place merge must move: one read and one write of every weight
+        for w in weights:
+            w.mul_(1.0)
+
+    fns = {"baseline": baseline, "memory floor (w.mul_(1) per layer)": floor}
     for name in _backends("lora_merge", device):
         fns[name] = (lambda name: lambda: ops.lora_merge_(weights, ups, downs, scales, backend=name))(name)
         if name != "reference":
