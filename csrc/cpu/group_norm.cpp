@@ -7,10 +7,10 @@
 // channel, not its spread), and per channel y = act(x * a_c + t_c), a_c = rstd_g w_c,
 // t_c = b_c + (add_c - mean_g) a_c.
 //
-// Rows contiguous per channel (NCHW, [B, C, N]): one task per (batch, group), single pass:
-// statistics, then normalise the same rows from L2 (an SD1.5 group is 10-160 KB) while the
-// thread's next task is prefetched into L2, so x leaves memory once and the loads overlap
-// the SiLU arithmetic. Channels-last (and HW = 1): a group is strided over every row, and reading it
+// Rows contiguous per channel (NCHW, [B, C, N]): one task per (batch, group), x read from
+// memory once: a thread normalises its current group from L2 (an SD1.5 group is 10-160 KB)
+// in the same loop that sums its next group's rows from memory, so those loads overlap the
+// SiLU arithmetic. Channels-last (and HW = 1): a group is strided over every row, and reading it
 // strided wastes half the bandwidth, so two phases over contiguous chunks of rows instead:
 // each thread sums its chunks into its own per-channel accumulators; then per group the
 // threads' sums are combined; then each thread normalises its chunks, last read first (those
@@ -38,40 +38,9 @@ inline Moments finish(double shift, double s1, double s2, int64_t n) {
   return {shift + s1 / n, m2 > 0.0 ? m2 : 0.0};
 }
 
-// Statistics of one contiguous row of n floats.
-Moments row_moments(const float* x, int64_t n) {
-  const float shift = x[0];
-  const vf sh = vset(shift);
-  const int64_t full = n / kW * kW;
-  double s1 = 0.0, s2 = 0.0;
-  for (int64_t c0 = 0; c0 < full; c0 += kFlush * kW) {
-    const int64_t c1 = imin(c0 + kFlush * kW, full);
-    vf a1 = vzero(), a2 = vzero(), b1 = vzero(), b2 = vzero();
-    int64_t i = c0;
-    for (; i + 2 * kW <= c1; i += 2 * kW) {
-      const vf d = vsub(vload(x + i), sh), e = vsub(vload(x + i + kW), sh);
-      a1 = vadd(a1, d);
-      a2 = vfma(d, d, a2);
-      b1 = vadd(b1, e);
-      b2 = vfma(e, e, b2);
-    }
-    if (i < c1) {
-      const vf d = vsub(vload(x + i), sh);
-      a1 = vadd(a1, d);
-      a2 = vfma(d, d, a2);
-    }
-    s1 += vsum(vadd(a1, b1));
-    s2 += vsum(vadd(a2, b2));
-  }
-  for (int64_t i = full; i < n; ++i) {
-    const double d = static_cast<double>(x[i]) - shift;
-    s1 += d;
-    s2 += d * d;
-  }
-  return finish(shift, s1, s2, n);
-}
+template <bool kSilu>
+inline vf act(vf y) { return kSilu ? vsilu(y) : y; }
 
-constexpr int64_t kLine = 16;  // floats per 64-byte line
 
 // d1[c] += sum_s (x[s, c] - shift[c]), d2[c] += sum_s (x[s, c] - shift[c])^2 over `rows` rows of
 // cn channels (row stride sxs); f: 2 * cn floats of scratch for the fp32 partials.
@@ -123,35 +92,10 @@ void group_affine(const GroupNormParams& p, int64_t b, int64_t c0, int64_t cg, M
   }
 }
 
-template <bool kSilu>
-inline vf act(vf y) { return kSilu ? vsilu(y) : y; }
-
-// Rows are walked one 64-byte line (16 floats) at a time, with the same line of the thread's
-// next task (pf) prefetched into L2: memory then streams in behind the SiLU arithmetic.
-// y[i] = act(x[i] * a + t) over a contiguous row of n.
-template <bool kSilu>
-void affine_row(const float* x, float* y, int64_t n, float a, float t, const float* pf) {
-  const vf va = vset(a), vt = vset(t);
-  int64_t i = 0;
-  for (; i + kLine <= n; i += kLine) {
-    prefetch_l2(pf + i);
-#pragma GCC unroll 2
-    for (int64_t j = i; j < i + kLine; j += kW) vstore(y + j, act<kSilu>(vfma(vload(x + j), va, vt)));
-  }
-  for (; i + kW <= n; i += kW) vstore(y + i, act<kSilu>(vfma(vload(x + i), va, vt)));
-  if (i < n) vstore_n(y + i, act<kSilu>(vfma(vload_n(x + i, n - i), va, vt)), n - i);
-}
-
 // y[i] = act(x[i] * a[i] + t[i]) over a contiguous row of n.
 template <bool kSilu>
-void affine_row(const float* x, float* y, int64_t n, const float* a, const float* t, const float* pf) {
+void affine_row(const float* x, float* y, int64_t n, const float* a, const float* t) {
   int64_t i = 0;
-  for (; i + kLine <= n; i += kLine) {
-    prefetch_l2(pf + i);
-#pragma GCC unroll 2
-    for (int64_t j = i; j < i + kLine; j += kW)
-      vstore(y + j, act<kSilu>(vfma(vload(x + j), vload(a + j), vload(t + j))));
-  }
   for (; i + kW <= n; i += kW) vstore(y + i, act<kSilu>(vfma(vload(x + i), vload(a + i), vload(t + i))));
   if (i < n) {
     const int64_t m = n - i;
@@ -159,31 +103,82 @@ void affine_row(const float* x, float* y, int64_t n, const float* a, const float
   }
 }
 
-// One (batch, group) of rows contiguous per channel; next_x: the thread's next task's rows.
-template <bool kSilu>
-void group_task(const GroupNormParams& p, int64_t b, int64_t c0, const float* next_x, Moments* mom, float* a,
-                float* t) {
-  const int64_t cg = p.C / p.G;
-  const float* x = p.x + b * p.sxb + c0 * p.sxc;
-  float* y = p.y + b * p.syb + c0 * p.syc;
-  for (int64_t c = 0; c < cg; ++c) mom[c] = row_moments(x + c * p.sxc, p.S);
-  group_affine(p, b, c0, cg, mom, a, t);
-  for (int64_t c = 0; c < cg; ++c) affine_row<kSilu>(x + c * p.sxc, y + c * p.syc, p.S, a[c], t[c], next_x + c * p.sxc);
+// One pass over a contiguous row of n floats: y[i] = act(x[i] * a + t) (kNorm), and the
+// moments of another row xs[0, n) (kSum): the next task's, read in the same loop so that its
+// loads overlap this row's arithmetic. Two accumulator pairs; fp32 partials flushed into
+// double every kFlush vectors.
+template <bool kNorm, bool kSum, bool kSilu>
+Moments row_pass(const float* x, float* y, float a, float t, const float* xs, int64_t n) {
+  const vf va = vset(a), vt = vset(t);
+  const float shift = kSum ? xs[0] : 0.0f;
+  const vf sh = vset(shift);
+  const int64_t full = n / kW * kW;
+  double s1 = 0.0, s2 = 0.0;
+  int64_t i = 0;
+  while (i < full) {
+    const int64_t end = imin(i + kFlush * kW, full);
+    vf a1 = vzero(), a2 = vzero(), b1 = vzero(), b2 = vzero();
+    auto step = [&](int64_t j, vf& s1v, vf& s2v) {
+      if (kNorm) vstore(y + j, act<kSilu>(vfma(vload(x + j), va, vt)));
+      if (kSum) {
+        const vf d = vsub(vload(xs + j), sh);
+        s1v = vadd(s1v, d);
+        s2v = vfma(d, d, s2v);
+      }
+    };
+    for (; i + 2 * kW <= end; i += 2 * kW) {
+      step(i, a1, a2);
+      step(i + kW, b1, b2);
+    }
+    if (i < end) {
+      step(i, a1, a2);
+      i += kW;
+    }
+    if (kSum) {
+      s1 += vsum(vadd(a1, b1));
+      s2 += vsum(vadd(a2, b2));
+    }
+  }
+  if (kNorm && i < n) vstore_n(y + i, act<kSilu>(vfma(vload_n(x + i, n - i), va, vt)), n - i);
+  if (!kSum) return Moments{0.0, 0.0};
+  for (; i < n; ++i) {
+    const double d = static_cast<double>(xs[i]) - shift;
+    s1 += d;
+    s2 += d * d;
+  }
+  return finish(shift, s1, s2, n);
 }
 
+// Rows contiguous per channel: tasks of one (batch, group). A thread claims its next task
+// before it runs the current one (for_each_task_ahead) and sums the next task's rows while it
+// normalises the current one's, which are in L2 since they were summed the same way.
 template <bool kSilu>
 void run_rows(const GroupNormParams& p) {
-  const int64_t cg = p.C / p.G, tasks = p.B * p.G;
+  const int64_t cg = p.C / p.G, tasks = p.B * p.G, S = p.S;
   auto task_x = [&](int64_t k) { return p.x + k / p.G * p.sxb + k % p.G * cg * p.sxc; };
-  // A thread knows the next task it will run and prefetches it; with none left it
-  // "prefetches" its own rows.
   std::atomic<int64_t> counter{0};
 #pragma omp parallel
   {
-    Buf<Moments> mom(cg);
+    Buf<Moments> mom_a(cg), mom_b(cg);
     Buf<float> a(cg), t(cg);
+    Moments *mom = mom_a.data(), *next_mom = mom_b.data();
+    bool summed = false;  // mom holds the current task's moments
     for_each_task_ahead(counter, tasks, [&](int64_t cur, int64_t next) {
-      group_task<kSilu>(p, cur / p.G, cur % p.G * cg, task_x(next < tasks ? next : cur), mom.data(), a.data(), t.data());
+      const int64_t b = cur / p.G, c0 = cur % p.G * cg;
+      const float* x = task_x(cur);
+      float* y = p.y + b * p.syb + c0 * p.syc;
+      if (!summed)
+        for (int64_t c = 0; c < cg; ++c) mom[c] = row_pass<false, true, kSilu>(nullptr, nullptr, 0, 0, x + c * p.sxc, S);
+      group_affine(p, b, c0, cg, mom, a.data(), t.data());
+      summed = next < tasks;
+      if (summed) {
+        const float* xn = task_x(next);
+        for (int64_t c = 0; c < cg; ++c)
+          next_mom[c] = row_pass<true, true, kSilu>(x + c * p.sxc, y + c * p.syc, a[c], t[c], xn + c * p.sxc, S);
+        std::swap(mom, next_mom);
+      } else {
+        for (int64_t c = 0; c < cg; ++c) row_pass<true, false, kSilu>(x + c * p.sxc, y + c * p.syc, a[c], t[c], nullptr, S);
+      }
     });
   }
 }
@@ -223,7 +218,7 @@ void channels_last_wave(const GroupNormParams& p, int64_t b0, int64_t b1, int64_
     const int64_t b = b0 + k / per_batch, s0 = k % per_batch * rows;
     for (int64_t s = s0; s < imin(s0 + rows, p.S); ++s) {
       const float* x = p.x + b * p.sxb + s * p.sxs;
-      affine_row<kSilu>(x, p.y + b * p.syb + s * p.sys, C, a + b * C, t + b * C, x);
+      affine_row<kSilu>(x, p.y + b * p.syb + s * p.sys, C, a + b * C, t + b * C);
     }
   }
 }
