@@ -237,6 +237,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
     parser.add_argument("--only", default=None, help="comma-separated: group_norm,attention,lora_merge")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/kernels-<device>.json)")
+    parser.add_argument("--note", default="", help="free text stored with the results (conditions)")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "float16"))
     out = Path(args.out or ROOT / "bench" / "results" / f"kernels-{args.device}.json")
@@ -262,7 +263,7 @@ def main(argv=None):
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "torch": torch.__version__, "dtype": str(dtype), "rounds": args.rounds,
         "timing": f"interleaved rounds, {args.clock} clock; speedup = median per-round baseline_s / s",
-        "quick": args.quick, "command": " ".join(["python", "bench/kernels.py", *(argv or sys.argv[1:])]),
+        "note": args.note, "quick": args.quick, "command": " ".join(["python", "bench/kernels.py", *(argv or sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "rows": rows,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
