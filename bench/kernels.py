@@ -1,21 +1,30 @@
 """Kernel benchmarks: every backend of every op against the torch baseline timed in the same run.
 
-    python bench/kernels.py [--device cpu|cuda] [--quick] [--out bench/results/kernels-cpu.json]
+    python bench/kernels.py [--device cpu|cuda] [--quick] [--threads N] [--rounds R]
+                            [--clock wall|process] [--only OPS] [--out bench/results/kernels-cpu.json]
 
 Not a test: it asserts nothing and its numbers depend on the machine. Each row times one case
-(SD1.5 shapes) with the baseline the issue names, measured in the same process right before:
+(SD1.5 shapes) with the baseline the issue names, interleaved with it: every round runs the
+baseline and each backend one after another (order rotated), so a change of machine load (a
+shared CPU) hits them alike; a speed-up is the median over rounds of the per-round ratio, a
+time the median per call. `--threads 1 --clock process` times CPU time instead of wall time:
+one core's efficiency, blind to the time a busy machine takes the core away.
 
 - group_norm (+SiLU, + the ResBlock's time-embedding add where marked): baseline torch's
   `F.group_norm` followed by `F.silu` (and the `+` before it). Traffic counted as one read of x
   and one write of the output (what a fused kernel must move): GB/s = 2 * numel * itemsize / t.
-- attention: baseline `F.scaled_dot_product_attention`. FLOPs = 4 * B * H * N * M * D (QK^T and
-  PV, a multiply-add counted as 2), TFLOP/s = FLOPs / t.
+- attention: baseline `F.scaled_dot_product_attention` on the same q, k, v: views of
+  [B, N, heads * D] as the models make them. FLOPs = 4 * B * H * N * M * D (QK^T and PV, a
+  multiply-add counted as 2), TFLOP/s = FLOPs / t.
 - lora_merge: a rank-32 LoRA merged into every attention projection of the SD1.5 UNet (to_q,
   to_k, to_v, to_out.0 of its 16 transformer blocks); baseline a per-layer
-  `weight.addmm_(up, down, alpha=scale)` loop. GB/s = (read + write of every weight) / t.
+  `weight.addmm_(up, down, alpha=scale)` loop; each backend once with the whole list of weights
+  (`lora_merge_(weights, ups, downs, scales)`) and once per layer; beside them, as the floor
+  any in-place merge has, `w.mul_(1)` on every weight. GB/s = (read + write of every weight) / t.
 
-The summary prints each backend's speed-up over the baseline (median of timed repeats after
-warm-up) and writes everything, with the machine and the torch version, as JSON.
+The summary prints each backend's speed-up over the baseline and writes everything, with the
+machine (its load average before and after, the CPU kernels' instruction set) and the torch
+version, as JSON.
 """
 import argparse
 import json
@@ -47,25 +56,47 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def timeit(fn, device, repeats, min_time=0.2):
-    """Median seconds per call of `fn` (after warm-up), `repeats` batches of calls lasting
-    at least `min_time` each in all."""
-    fn()
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+_clock = CLOCKS["wall"]
+
+
+def interleaved(fns, device, rounds, min_time=0.05):
+    """{name: (median seconds per call, median per-round speed-up over the first fn)} for the
+    callables in `fns` (the first is the baseline), timed in `rounds` rounds of `inner` calls
+    each (at least `min_time` seconds for the baseline), in a rotated order every round."""
+    names = list(fns)
+    for name in names:  # warm-up (and first-touch of outputs)
+        fns[name]()
+        fns[name]()
     _sync(device)
-    start = time.perf_counter()
-    fn()
+    start = _clock()
+    fns[names[0]]()
     _sync(device)
-    once = max(time.perf_counter() - start, 1e-6)
-    inner = max(1, int(min_time / repeats / once))
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) / inner)
-    return statistics.median(times)
+    inner = max(1, int(min_time / max(_clock() - start, 1e-6)))
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            _sync(device)
+            start = _clock()
+            for _ in range(inner):
+                fns[name]()
+            _sync(device)
+            times[name].append((_clock() - start) / inner)
+    base = times[names[0]]
+    return {name: (statistics.median(t), statistics.median(b / x for b, x in zip(base, t)))
+            for name, t in times.items()}
+
+
+def _row(measured, base_name, unit, amount):
+    """The baseline's fields and one entry per backend from `interleaved`'s result; `unit`
+    ("GBps" or "TFLOPs") and `amount` (bytes or FLOPs) give the physical rate."""
+    scale = 1e9 if unit == "GBps" else 1e12
+    base_s = measured[base_name][0]
+    row = {"baseline_s": base_s, f"baseline_{unit}": amount / base_s / scale, "backends": {}}
+    for name, (t, speedup) in measured.items():
+        if name != base_name:
+            row["backends"][name] = {"s": t, unit: amount / t / scale, "speedup": speedup}
+    return row
 
 
 def _backends(op, device):
@@ -77,7 +108,7 @@ def _backends(op, device):
     return ["reference", *names]
 
 
-def bench_group_norm(device, dtype, repeats, quick):
+def bench_group_norm(device, dtype, rounds, quick):
     rows = []
     shapes = GN_SHAPES[:2] if quick else GN_SHAPES
     for c, h, w in shapes:
@@ -94,40 +125,42 @@ def bench_group_norm(device, dtype, repeats, quick):
                     y = x + emb[:, :, None, None] if add else x
                     return F.silu(F.group_norm(y, 32, weight, bias, 1e-5))
 
-                base = timeit(baseline, device, repeats)
-                nbytes = 2 * x.numel() * x.element_size()
+                fns = {"baseline": baseline}
+                for name in _backends("group_norm", device):
+                    fns[name] = (lambda name: lambda: ops.group_norm(  # noqa: E731
+                        x, 32, weight, bias, 1e-5, silu=True, add=emb, backend=name))(name)
                 row = {"op": "group_norm+silu" + ("+add" if add else ""), "layout": layout,
                        "shape": [2, c, h, w], "dtype": str(dtype).replace("torch.", ""),
-                       "baseline": "F.group_norm + F.silu" + (" (+ add)" if add else ""),
-                       "baseline_s": base, "baseline_GBps": nbytes / base / 1e9, "backends": {}}
-                for name in _backends("group_norm", device):
-                    fn = lambda: ops.group_norm(x, 32, weight, bias, 1e-5, silu=True, add=emb,  # noqa: E731
-                                                backend=name)
-                    t = timeit(fn, device, repeats)
-                    row["backends"][name] = {"s": t, "GBps": nbytes / t / 1e9,
-                                             "speedup": base / t}
+                       "baseline": "F.group_norm + F.silu" + (" (+ add)" if add else "")}
+                row.update(_row(interleaved(fns, device, rounds), "baseline", "GBps",
+                                2 * x.numel() * x.element_size()))
                 rows.append(row)
     return rows
 
 
-def bench_attention(device, dtype, repeats, quick):
+def _heads(n, heads, d, device, dtype):
+    """[2, heads, n, d] as the models make it: a view of [2, n, heads * d]."""
+    t = torch.randn(2, n, heads * d, device=device, dtype=dtype)
+    return t.view(2, n, heads, d).transpose(1, 2)  # [B, N, H*D] -> [B, H, N, D]
+
+
+def bench_attention(device, dtype, rounds, quick):
     rows = []
     shapes = ATTN_SHAPES[:1] if quick else ATTN_SHAPES
     for n, heads, d in shapes:
         for kind, m in (("cross", 77), ("self", n)):
             if device == "cpu" and kind == "self" and n > 1024 and quick:
                 continue
-            q = torch.randn(2, heads, n, d, device=device, dtype=dtype)
-            k = torch.randn(2, heads, m, d, device=device, dtype=dtype)
-            v = torch.randn(2, heads, m, d, device=device, dtype=dtype)
-            flops = 4 * 2 * heads * n * m * d
-            base = timeit(lambda: F.scaled_dot_product_attention(q, k, v), device, repeats)
-            row = {"op": f"attention ({kind})", "shape": {"B": 2, "H": heads, "N": n, "M": m, "D": d},
-                   "dtype": str(dtype).replace("torch.", ""), "baseline": "F.scaled_dot_product_attention",
-                   "baseline_s": base, "baseline_TFLOPs": flops / base / 1e12, "backends": {}}
+            q, k, v = (_heads(length, heads, d, device, dtype) for length in (n, m, m))
+            fns = {"baseline": lambda: F.scaled_dot_product_attention(q, k, v)}
             for name in _backends("attention", device):
-                t = timeit(lambda: ops.attention(q, k, v, backend=name), device, repeats)
-                row["backends"][name] = {"s": t, "TFLOPs": flops / t / 1e12, "speedup": base / t}
+                fns[name] = (lambda name: lambda: ops.attention(q, k, v, backend=name))(name)
+            row = {"op": f"attention ({kind})", "shape": {"B": 2, "H": heads, "N": n, "M": m, "D": d},
+                   "dtype": str(dtype).replace("torch.", ""), "baseline": "F.scaled_dot_product_attention"}
+            # self-attention at 64x64 runs for seconds on a CPU: fewer rounds there
+            few = device == "cpu" and kind == "self" and n * m > 2 ** 21
+            row.update(_row(interleaved(fns, device, max(3, rounds // 3) if few else rounds),
+                            "baseline", "TFLOPs", 4 * 2 * heads * n * m * d))
             rows.append(row)
     return rows
 
@@ -143,7 +176,7 @@ def sd15_attention_projections():
     return shapes
 
 
-def bench_lora_merge(device, dtype, repeats, quick, rank=32):
+def bench_lora_merge(device, dtype, rounds, quick, rank=32):
     g = torch.Generator(device="cpu").manual_seed(0)
     shapes = sd15_attention_projections()
     if quick:
@@ -152,22 +185,26 @@ def bench_lora_merge(device, dtype, repeats, quick, rank=32):
     ups = [torch.randn(o, rank, generator=g).to(device, dtype) for o, i in shapes]
     downs = [torch.randn(rank, i, generator=g).to(device, dtype) for o, i in shapes]
     scale = 1e-4
-    nbytes = 2 * sum(w.numel() * w.element_size() for w in weights)
+    scales = [scale] * len(shapes)
 
     def baseline():
         for w, u, d in zip(weights, ups, downs):
             w.addmm_(u, d, alpha=scale)
 
-    base = timeit(baseline, device, repeats)
-    row = {"op": f"lora_merge (rank {rank}, {len(shapes)} SD1.5 attention projections)",
-           "dtype": str(dtype).replace("torch.", ""), "baseline": "per-layer weight.addmm_",
-           "baseline_s": base, "baseline_GBps": nbytes / base / 1e9, "backends": {}}
+    def floor():  # what any in-place merge must move: one read and one write of every weight
+        for w in weights:
+            w.mul_(1.0)
+
+    fns = {"baseline": baseline, "memory floor (w.mul_(1) per layer)": floor}
     for name in _backends("lora_merge", device):
-        def merged():
-            for w, u, d in zip(weights, ups, downs):
-                ops.lora_merge_(w, u, d, scale, backend=name)
-        t = timeit(merged, device, repeats)
-        row["backends"][name] = {"s": t, "GBps": nbytes / t / 1e9, "speedup": base / t}
+        fns[name] = (lambda name: lambda: ops.lora_merge_(weights, ups, downs, scales, backend=name))(name)
+        if name != "reference":
+            fns[f"{name} (per-layer calls)"] = (lambda name: lambda: [  # noqa: E731
+                ops.lora_merge_(w, u, d, scale, backend=name) for w, u, d in zip(weights, ups, downs)])(name)
+    row = {"op": f"lora_merge (rank {rank}, {len(shapes)} SD1.5 attention projections)",
+           "dtype": str(dtype).replace("torch.", ""), "baseline": "per-layer weight.addmm_"}
+    row.update(_row(interleaved(fns, device, max(3, rounds // 2)), "baseline", "GBps",
+                    2 * sum(w.numel() * w.element_size() for w in weights)))
     return [row]
 
 
@@ -177,30 +214,57 @@ def _describe(row):
     return f"{row['op']} {layout} {shape if shape is not None else ''}".strip()
 
 
+def _machine(device):
+    info = {"platform": platform.platform(), "processor": platform.processor(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": (torch.cuda.get_device_name() if device == "cuda" else "cpu")}
+    try:
+        from sdfast import _C
+        info["cpu_kernels_isa"] = _C.cpu_isa()
+    except (ImportError, AttributeError):
+        info["cpu_kernels_isa"] = None
+    return info
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, float16 on CUDA")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds per row")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="process: CPU time (CPU device with --threads 1 only)")
     parser.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
+    parser.add_argument("--only", default=None, help="comma-separated: group_norm,attention,lora_merge")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/kernels-<device>.json)")
+    parser.add_argument("--note", default="", help="free text stored with the results (conditions)")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "float16"))
     out = Path(args.out or ROOT / "bench" / "results" / f"kernels-{args.device}.json")
-
-    rows = (bench_group_norm(args.device, dtype, args.repeats, args.quick)
-            + bench_attention(args.device, dtype, args.repeats, args.quick)
-            + bench_lora_merge(args.device, dtype, args.repeats, args.quick))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "process" and (args.device != "cpu" or torch.get_num_threads() != 1):
+        parser.error("--clock process needs --device cpu --threads 1 (CPU time sums threads)")
+    global _clock
+    _clock = CLOCKS[args.clock]
+    only = set(args.only.split(",")) if args.only else {"group_norm", "attention", "lora_merge"}
+    load_before = os.getloadavg()
+    rows = []
+    for op, bench in (("group_norm", bench_group_norm), ("attention", bench_attention),
+                      ("lora_merge", bench_lora_merge)):
+        if op in only:
+            rows += bench(args.device, dtype, args.rounds, args.quick)
     for row in rows:
         speed = ", ".join(f"{name} {r['speedup']:.2f}x" for name, r in row["backends"].items()
                           if name != "reference")
         print(f"{_describe(row):70s} baseline {row['baseline_s'] * 1e3:8.2f} ms  {speed}")
     result = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "device": (torch.cuda.get_device_name() if args.device == "cuda" else "cpu")},
-        "torch": torch.__version__, "dtype": str(dtype), "repeats": args.repeats,
-        "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "rows": rows,
+        "machine": _machine(args.device),
+        "load_average": {"before": load_before, "after": os.getloadavg()},
+        "torch": torch.__version__, "dtype": str(dtype), "rounds": args.rounds,
+        "timing": f"interleaved rounds, {args.clock} clock; speedup = median per-round baseline_s / s",
+        "note": args.note, "quick": args.quick, "command": " ".join(["python", "bench/kernels.py", *(argv or sys.argv[1:])]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "rows": rows,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

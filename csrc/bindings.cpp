@@ -6,6 +6,8 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <string>
+#include <tuple>
 #include <vector>
 
 #ifdef _OPENMP
@@ -68,25 +70,42 @@ static void attention_f32(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, 
   sdfast::cpu::attention(p);
 }
 
+// One weight's LoRAs: (w, O, I, ldw, ups, ups_ld, downs, downs_ld, ranks, scales).
+using LoraLayer = std::tuple<std::uintptr_t, int64_t, int64_t, int64_t, std::vector<std::uintptr_t>,
+                             std::vector<int64_t>, std::vector<std::uintptr_t>, std::vector<int64_t>,
+                             std::vector<int64_t>, std::vector<float>>;
+
+static void lora_merge_layers_f32(const std::vector<LoraLayer>& layers, int threads) {
+  const size_t n_layers = layers.size();
+  std::vector<LoraMergeParams> params(n_layers);
+  std::vector<std::vector<const float*>> up_p(n_layers), down_p(n_layers);
+  for (size_t i = 0; i < n_layers; ++i) {
+    const auto& [w, O, I, ldw, ups, ups_ld, downs, downs_ld, ranks, scales] = layers[i];
+    const size_t n = ups.size();
+    if (downs.size() != n || ups_ld.size() != n || downs_ld.size() != n || ranks.size() != n ||
+        scales.size() != n)
+      throw py::value_error("lora_merge_layers_f32: per-LoRA lists differ in length");
+    for (size_t l = 0; l < n; ++l) {
+      up_p[i].push_back(ptr<const float>(ups[l]));
+      down_p[i].push_back(ptr<const float>(downs[l]));
+    }
+    params[i] = LoraMergeParams{ptr<float>(w), O, I, ldw, static_cast<int64_t>(n), up_p[i].data(),
+                                ups_ld.data(), down_p[i].data(), downs_ld.data(), ranks.data(), scales.data()};
+  }
+  py::gil_scoped_release release;
+  set_threads(threads);
+  sdfast::cpu::lora_merge(params.data(), static_cast<int64_t>(n_layers));
+}
+
 static void lora_merge_f32(std::uintptr_t w, int64_t O, int64_t I, int64_t ldw,
                            std::vector<std::uintptr_t> ups, std::vector<int64_t> ups_ld,
                            std::vector<std::uintptr_t> downs, std::vector<int64_t> downs_ld,
                            std::vector<int64_t> ranks, std::vector<float> scales, int threads) {
-  const size_t n = ups.size();
-  if (downs.size() != n || ups_ld.size() != n || downs_ld.size() != n || ranks.size() != n ||
-      scales.size() != n)
-    throw py::value_error("lora_merge_f32: per-LoRA lists differ in length");
-  std::vector<const float*> up_p(n), down_p(n);
-  for (size_t l = 0; l < n; ++l) {
-    up_p[l] = ptr<const float>(ups[l]);
-    down_p[l] = ptr<const float>(downs[l]);
-  }
-  LoraMergeParams p{ptr<float>(w), O, I, ldw, static_cast<int64_t>(n), up_p.data(), ups_ld.data(),
-                    down_p.data(), downs_ld.data(), ranks.data(), scales.data()};
-  py::gil_scoped_release release;
-  set_threads(threads);
-  sdfast::cpu::lora_merge(p);
+  lora_merge_layers_f32({LoraLayer{w, O, I, ldw, ups, ups_ld, downs, downs_ld, ranks, scales}}, threads);
 }
+
+static bool set_cpu_isa(const std::string& name) { return sdfast::cpu::set_isa(name.c_str()); }
+static bool cpu_isa_available(const std::string& name) { return sdfast::cpu::isa_available(name.c_str()); }
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "sdfast CPU kernels (torch-free): addresses, sizes and element strides in";
@@ -108,4 +127,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("lora_merge_f32", &lora_merge_f32, "W += sum_l scale_l up_l @ down_l in place, fp32",
         py::arg("w"), py::arg("O"), py::arg("I"), py::arg("ldw"), py::arg("ups"), py::arg("ups_ld"),
         py::arg("downs"), py::arg("downs_ld"), py::arg("ranks"), py::arg("scales"), py::arg("threads") = 0);
+  m.def("lora_merge_layers_f32", &lora_merge_layers_f32,
+        "lora_merge_f32 over several weights in one parallel pass: a list of its argument tuples "
+        "(w, O, I, ldw, ups, ups_ld, downs, downs_ld, ranks, scales)",
+        py::arg("layers"), py::arg("threads") = 0);
+  m.def("cpu_isa", &sdfast::cpu::isa, "the instruction set the kernels run with (avx2 | avx512)");
+  m.def("set_cpu_isa", &set_cpu_isa, "force avx2 or avx512; False where not built or not supported",
+        py::arg("name"));
+  m.def("cpu_isa_available", &cpu_isa_available, "whether an ISA is built and supported here",
+        py::arg("name"));
 }

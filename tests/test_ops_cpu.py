@@ -17,6 +17,51 @@ if not BACKENDS:
     pytest.skip("no accelerated backend here (only the reference)", allow_module_level=True)
 
 
+def _cpu_isas():
+    """The instruction sets the cpu backend's kernels can run with here (avx2, avx512)."""
+    from sdfast.ops import cpu_backend
+    if "cpu" not in BACKENDS:
+        return []
+    return [isa for isa in ("avx2", "avx512") if cpu_backend._C.cpu_isa_available(isa)]
+
+
+# Every backend, the cpu backend once per instruction set it can run with here.
+BACKEND_PARAMS = [pytest.param(b, isa, id=f"{b}-{isa}") for b in BACKENDS
+                  for isa in (_cpu_isas() if b == "cpu" else [None])]
+
+
+@pytest.fixture
+def backend(request):
+    """The backend name; for the cpu backend its kernels forced to the case's ISA meanwhile."""
+    name, isa = request.param
+    if isa is None:
+        yield name
+        return
+    from sdfast.ops import cpu_backend
+    before = cpu_backend._C.cpu_isa()
+    assert cpu_backend._C.set_cpu_isa(isa)
+    try:
+        yield name
+    finally:
+        cpu_backend._C.set_cpu_isa(before)
+
+
+def _backends_param(fn):
+    return pytest.mark.parametrize("backend", [p.values for p in BACKEND_PARAMS], indirect=True,
+                                   ids=[p.id for p in BACKEND_PARAMS])(fn)
+
+
+def _with_backends(names, cases, light=lambda case: True):
+    """parametrize over backends x cases; a case that is not `light` runs on one ISA only
+    (csrc/tests covers every ISA on small sizes)."""
+    params = []
+    for p in BACKEND_PARAMS:
+        first_isa = p.values[1] in (None, _cpu_isas()[0])
+        params += [pytest.param(p.values, *case, id=f"{p.id}-{'-'.join(map(str, case))}")
+                   for case in cases if first_isa or light(case)]
+    return pytest.mark.parametrize(f"backend,{names}", params, indirect=["backend"])
+
+
 def _run(op, backend, args):
     impl = registry._impl(op, backend)
     reason = impl.reason(args)
@@ -35,27 +80,25 @@ def _layout(x, layout):
     return x
 
 
-# C in {320, 640, 1280} x HW in {1, 7x9, 64x64} x layout, sampled so the file stays fast.
-GN_CASES = [
-    (320, (64, 64), "nchw", True, True),
-    (320, (64, 64), "nhwc", False, True),
+# The issue's matrix: C in {320, 640, 1280} (32 groups) x HW in {1, 7x9, 64x64} x both layouts,
+# SiLU and the time-embedding add alternating; then [B, C, N] and a non-contiguous view.
+GN_CASES = [(c, hw, layout, (i + j) % 2 == 0, (i + j + k) % 2 == 1)
+            for i, c in enumerate((320, 640, 1280))
+            for j, hw in enumerate(((1, 1), (7, 9), (64, 64)))
+            for k, layout in enumerate(("nchw", "nhwc"))] + [
     (320, (7, 9), "bcn", True, False),
-    (640, (7, 9), "nchw", False, False),
-    (640, (7, 9), "nhwc", True, True),
+    (1280, (64, 64), "bcn", True, True),
     (640, (8, 8), "sliced", True, False),
-    (1280, (1, 1), "nchw", True, True),
-    (1280, (1, 1), "nhwc", False, False),
-    (1280, (7, 9), "nhwc", True, False),
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("c,hw,layout,silu,add", GN_CASES)
+@_with_backends("c,hw,layout,silu,add", GN_CASES, light=lambda case: case[1] != (64, 64))
 def test_group_norm_matches_reference(backend, c, hw, layout, silu, add):
     g = torch.Generator().manual_seed(c + hw[0])
-    x = torch.randn(2, c, *hw, generator=g) * 2 + 0.5
+    batch = 1 if hw == (64, 64) else 2  # (the float64 reference is the slow part)
+    x = torch.randn(batch, c, *hw, generator=g) * 2 + 0.5
     w, b = 1 + 0.2 * torch.randn(c, generator=g), 0.2 * torch.randn(c, generator=g)
-    a = torch.randn(2, c, generator=g) if add else None
+    a = torch.randn(batch, c, generator=g) if add else None
     x = _layout(x, layout)
     args = (x, 32, w, b, 1e-5, silu, a)
     _run("group_norm", backend, args)
@@ -77,19 +120,22 @@ def _heads(b, n, h, d, g, layout):
     return t.contiguous() if layout == "contiguous" else t
 
 
-ATTN_CASES = [  # (B, heads, N, M, D, layout)
+ATTN_CASES = [  # (B, heads, N, M, D, layout): head dims 40, 64, 80, 160 x 77 and 154 keys
     (2, 2, 100, 77, 40, "heads"),
+    (1, 2, 65, 154, 40, "contiguous"),
     (1, 2, 65, 77, 64, "contiguous"),
+    (2, 1, 70, 154, 64, "heads"),
     (2, 1, 33, 154, 80, "heads"),
+    (1, 2, 97, 77, 80, "contiguous"),
     (1, 2, 50, 154, 160, "contiguous"),
+    (2, 2, 49, 77, 160, "heads"),
     (1, 1, 4096, 4096, 40, "heads"),   # SD1.5 64x64 self-attention: the tiled online softmax
     (1, 2, 333, 999, 64, "heads"),     # a key length that is no multiple of any tile
     (1, 1, 7, 1, 8, "contiguous"),     # a single key
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("b,h,n,m,d,layout", ATTN_CASES)
+@_with_backends("b,h,n,m,d,layout", ATTN_CASES, light=lambda case: case[2] * case[3] < 2 ** 20)
 def test_attention_matches_reference(backend, b, h, n, m, d, layout):
     g = torch.Generator().manual_seed(n + m + d)
     q, k, v = _heads(b, n, h, d, g, layout), _heads(b, m, h, d, g, layout), _heads(b, m, h, d, g, layout)
@@ -120,9 +166,9 @@ LORA_CASES = [  # (weight shape, ranks)
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@_backends_param
 @pytest.mark.parametrize("shape,ranks", LORA_CASES)
-@pytest.mark.parametrize("factor_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("factor_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_lora_merge_matches_reference(backend, shape, ranks, factor_dtype):
     g = torch.Generator().manual_seed(sum(shape) + sum(ranks))
     weight = torch.randn(shape, generator=g) * 0.05
@@ -138,6 +184,36 @@ def test_lora_merge_matches_reference(backend, shape, ranks, factor_dtype):
     assert ops.lora_merge_(out, ups, downs, scales, backend=backend) is out
     err, bound = earned_error(out, ref32, ref64)
     assert err <= bound, f"max|out - ref64| = {err:.3g} > {bound:.3g}"
+
+
+@_backends_param
+def test_lora_merge_many_weights_in_one_call(backend):
+    """The list form: several weights (linear and conv, one with two LoRAs, one with fp16
+    factors) merged in one call equal each merged alone by the reference."""
+    g = torch.Generator().manual_seed(5)
+    shapes = [((320, 768), [4]), ((64, 33, 3, 3), [1, 128]), ((1280, 320, 1, 1), [4]), ((7, 5), [1])]
+    weights, ups, downs, scales = [], [], [], []
+    for i, (shape, ranks) in enumerate(shapes):
+        o, rest = shape[0], shape[1:]
+        conv = [1, 1] if len(shape) == 4 else []
+        dtype = torch.float16 if i == 2 else torch.float32
+        weights.append(torch.randn(shape, generator=g) * 0.05)
+        ups.append([(torch.randn(o, r, *conv, generator=g) * 0.1).to(dtype) for r in ranks])
+        downs.append([(torch.randn(r, *rest, generator=g) * 0.1).to(dtype) for r in ranks])
+        scales.append([0.7 - 0.2 * j for j in range(len(ranks))])
+    _run("lora_merge", backend, (weights[0], ups[0], downs[0], scales[0]))
+    outs = [w.clone() for w in weights]
+    assert ops.lora_merge_(outs, ups, downs, scales, backend=backend) is outs
+    for w, out, u, d, s in zip(weights, outs, ups, downs, scales):
+        ref32 = ops.lora_merge_(w.clone(), u, d, s, backend="reference")
+        err, bound = earned_error(out, ref32, _lora64(w, u, d, s))
+        assert err <= bound, f"{tuple(w.shape)}: max|out - ref64| = {err:.3g} > {bound:.3g}"
+
+
+def test_lora_merge_list_form_checks_lengths():
+    w = torch.zeros(4, 5)
+    with pytest.raises(ops.SdfastError, match="2 weights but 1 ups"):
+        ops.lora_merge_([w, w], [torch.zeros(4, 1)], [torch.zeros(1, 5)], [1.0])
 
 
 def test_lora_merge_single_tensor_form_and_non_contiguous_weight():

@@ -91,7 +91,7 @@ def test_constraints_are_enforced(spy, monkeypatch):
 
 @pytest.mark.skipif(not HAS_CPU, reason="sdfast._C not built")
 def test_auto_selection_by_device_dtype_and_speed():
-    big = torch.randn(1, 64, 16, 16)
+    big = torch.randn(2, 64, 16, 16)
     w, b = torch.ones(64), torch.zeros(64)
     assert registry.select("group_norm", (big, 32, w, b, 1e-5, False, None))[0] == "cpu"
     # where bench/kernels.py measured the cpu kernel slower than torch, auto picks torch ...
@@ -103,11 +103,11 @@ def test_auto_selection_by_device_dtype_and_speed():
     with pytest.raises(SdfastError, match="float32"):
         ops.group_norm(xh, 32, wh, bh, backend="cpu")
     q = torch.randn(1, 2, 9, 8)
-    assert registry.select("attention", (q, q, q))[0] == "cpu"             # cross-attention sizes
-    q = torch.randn(1, 2, 300, 8)
-    assert registry.select("attention", (q, q, q))[0] == "reference"       # self-attention
+    assert registry.select("attention", (q, q, q))[0] == "cpu"             # one key block
+    q = torch.randn(1, 2, 600, 8)
+    assert registry.select("attention", (q, q, q))[0] == "reference"       # long self-attention
     wt = torch.zeros(8, 8)
-    assert registry.select("lora_merge", (wt, [torch.zeros(8, 2)], [torch.zeros(2, 8)], [1.0]))[0] == "reference"
+    assert registry.select("lora_merge", (wt, [torch.zeros(8, 2)], [torch.zeros(2, 8)], [1.0]))[0] == "cpu"
 
 
 def test_argument_checks_are_backend_independent():
@@ -184,6 +184,49 @@ def test_gradients_flow_through_the_reference():
     ops.attention_ref(q2, k2, v2).sum().backward()
     for got, want in ((q, q2), (k, k2), (v, v2)):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_eager_calls_equal_the_custom_ops_which_dispatch_modes_still_see():
+    """Plain eager calls skip the dispatcher (same body, same output); tracing, a dispatch mode
+    or autograd (test_gradients_flow_through_the_reference) get the custom op itself."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x, w, b = _gn_args()
+    q = torch.randn(1, 2, 9, 8)
+    with torch.no_grad():
+        direct = ops.group_norm(x.contiguous(memory_format=torch.channels_last), 32, w, b, silu=True)
+        via_op = torch.ops.sdfast.group_norm(x.contiguous(memory_format=torch.channels_last), 32, w, b,
+                                             1e-5, True, None, "")
+        assert torch.equal(direct, via_op) and direct.stride() == via_op.stride()
+        assert torch.equal(ops.attention(q, q, q), torch.ops.sdfast.attention(q, q, q, ""))
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Record():
+        ops.group_norm(x, 32, w, b, silu=True)
+        ops.attention(q, q, q)
+        ops.lora_merge_(torch.zeros(8, 8), torch.zeros(8, 2), torch.zeros(2, 8), 1.0)
+    assert {"sdfast.group_norm.default", "sdfast.attention.default",
+            "sdfast.lora_merge.default"} <= set(seen)
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="sdfast._C not built")
+def test_cpu_kernels_instruction_set_can_be_forced():
+    import os
+
+    from sdfast.ops import cpu_backend
+    _C = cpu_backend._C
+    assert _C.cpu_isa_available("avx2") and _C.cpu_isa() in ("avx2", "avx512")
+    assert not _C.set_cpu_isa("avx1024") and not _C.cpu_isa_available("sse2")
+    code = "from sdfast import _C; print(_C.cpu_isa())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "SDFAST_CPU_ISA": "avx2"})
+    assert out.returncode == 0 and out.stdout.strip() == "avx2", out.stderr
 
 
 def test_import_without_native_module_falls_back_to_reference():

@@ -1,150 +1,196 @@
 // Softmax attention, fp32: o = softmax(q k^T * scale) v per (batch, head).
 //
-// Phase 1 packs every head's K transposed (Kt [D, Mp], Mp = M rounded up to 8, zero-padded)
-// and V ([M, Dp], Dp = D rounded up to 8) so the GEMM tiles stream 8-float vectors.
-// Phase 2 runs over (batch, head, block of kQueryBlock queries): for each block of keys,
-//   S = (Q * scale) Kt[:, blk]                     (AVX2 FMA tiles, common.h gemm)
-//   m' = max(m, rowmax(S)), P = exp(S - m'), l = l e^(m - m') + rowsum(P)
-//   O = O e^(m - m') + P V[blk]
-// and finally o = O / l. With M <= kWholeKV the single key block holds the whole K/V of a
-// head (cross-attention: 77 x chunks keys), so the softmax is the exact one-block softmax
-// and K/V stay in cache for every query block; longer M runs the tiled online-softmax loop.
+// One OpenMP region in two loops. The first packs every head's K transposed (Kt [D, Mp], Mp =
+// M rounded up to whole vectors, zero-padded) and V ([M, Dp]) so the GEMM tiles (gemm.h)
+// stream whole vectors. The second runs over blocks of kQueryBlock queries (see attention()
+// for the task order); per head, for each block of keys:
+//   S = Q Kt[:, blk]                                (register-blocked GEMM, k = D)
+//   m' = max(m, rowmax(S)), P = exp(scale (S - m')), l = l c + rowsum(P), c = e^(scale (m - m'))
+//   O = O c + P V[blk]                              (register-blocked GEMM, k = keys)
+// and finally o = O / l. With M <= kWholeKV one key block holds the whole K/V of a head
+// (cross-attention: 77 x chunks keys): the softmax is the exact one-block softmax, with no
+// rescaling, K/V stay in cache for every query block, and o = (P V) / l is written straight
+// from the GEMM's registers. Longer M runs the tiled online-softmax loop.
 #include <omp.h>
 
-#include <vector>
+#include <cmath>
 
-#include "common.h"
-#include "kernels.h"
+#include "gemm.h"
+#include "isa_kernels.h"
+#include "simd.h"
 
 namespace sdfast {
 namespace cpu {
+namespace SDFAST_ISA {
 namespace {
 
-constexpr int64_t kQueryBlock = 32;
+// Queries per block: a multiple of the tile heights (gemm.h: AVX2 6; AVX-512 5 and 8).
+constexpr int64_t kQueryBlock = kRegs < 32 ? 48 : 40;
 constexpr int64_t kWholeKV = 512;
 constexpr int64_t kKeyBlock = 256;
+constexpr int64_t kKVCacheBytes = 1 << 20;  // packed K/V of all heads that stay in L2 together
 
-void pack_head(const AttentionParams& p, int64_t b, int64_t h, int64_t Mp, int64_t Dp, float* kt,
-               float* vp) {
+struct Shape {
+  int64_t Mp, Dp, KB, lds;  // padded keys, padded head dim, key block, score row stride
+};
+
+void pack_head(const AttentionParams& p, const Shape& s, int64_t b, int64_t h, float* kt, float* vp) {
   const float* k = p.k + b * p.skb + h * p.skh;
   const float* v = p.v + b * p.svb + h * p.svh;
-  std::fill(kt, kt + p.D * Mp, 0.0f);
-  for (int64_t j = 0; j < p.M; ++j)
-    for (int64_t d = 0; d < p.D; ++d) kt[d * Mp + j] = k[j * p.skm + d];
+  // Kt = K^T in blocks of 16 keys: 16 rows of K are live at a time (all M rows at a stride
+  // of H * D floats would map onto a few L1 sets and evict each other).
+  for (int64_t j0 = 0; j0 < p.M; j0 += 16)
+    for (int64_t d = 0; d < p.D; ++d)
+      for (int64_t j = j0; j < imin(j0 + 16, p.M); ++j) kt[d * s.Mp + j] = k[j * p.skm + d];
+  for (int64_t d = 0; d < p.D; ++d) zero_n(kt + d * s.Mp + p.M, s.Mp - p.M);
   for (int64_t j = 0; j < p.M; ++j) {
-    std::copy(v + j * p.svm, v + j * p.svm + p.D, vp + j * Dp);
-    std::fill(vp + j * Dp + p.D, vp + (j + 1) * Dp, 0.0f);
+    copy_n(v + j * p.svm, p.D, vp + j * s.Dp);
+    zero_n(vp + j * s.Dp + p.D, s.Dp - p.D);
   }
 }
 
 // dst[0, n) = src[0, n) * scale.
 inline void scale_row(const float* src, float* dst, int64_t n, float scale) {
-  const __m256 vs = _mm256_set1_ps(scale);
+  const vf vs = vset(scale);
   int64_t d = 0;
-  for (; d + 8 <= n; d += 8) _mm256_storeu_ps(dst + d, _mm256_mul_ps(_mm256_loadu_ps(src + d), vs));
-  for (; d < n; ++d) dst[d] = src[d] * scale;
+  for (; d + kW <= n; d += kW) vstore(dst + d, vmul(vload(src + d), vs));
+  if (d < n) vstore_n(dst + d, vmul(vload_n(src + d, n - d), vs), n - d);
 }
 
-// Online-softmax update of `rows` rows of (scaled) scores S (row stride lds, kb valid columns):
-// S becomes P in place; O rows (stride Dp) are rescaled; m and l updated.
-void softmax_block(float* S, int64_t lds, int64_t rows, int64_t kb, float* O, int64_t Dp, float* m,
-                   float* l, bool first) {
-  const __m256i mask = tail_mask(kb % 8);
-  const int64_t kb8 = kb / 8 * 8;
-  for (int64_t r = 0; r < rows; ++r) {
-    float* s = S + r * lds;
-    __m256 vmax = _mm256_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < kb8; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + j));
-    float mx = hmax256(vmax);
-    for (int64_t j = kb8; j < kb; ++j) mx = std::max(mx, s[j]);
-    const float m_new = std::max(first ? -INFINITY : m[r], mx);
-    const __m256 vm = _mm256_set1_ps(m_new);
-    __m256 vsum = _mm256_setzero_ps();
-    for (int64_t j = 0; j < kb8; j += 8) {
-      const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
-      _mm256_storeu_ps(s + j, e);
-      vsum = _mm256_add_ps(vsum, e);
+// Softmax update of R rows of raw scores S (row stride lds >= kb rounded up to whole vectors,
+// kb valid columns), the softmax scale applied inside the exponent: S becomes
+// P = exp(scale (S - m')) in place, with m' = max(m, rowmax S); l is updated and, after the
+// first key block, corr = exp(scale (m - m')) returned for rescaling O. R rows at once keep
+// R independent chains of reductions in flight.
+template <int R>
+inline void softmax_rows(float* S, int64_t lds, int64_t kb, float scale, float* m, float* l, float* corr, bool first) {
+  const int64_t nv = (kb + kW - 1) / kW, left = kb - (nv - 1) * kW;
+  vf mx[R], sh[R], acc[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) mx[r] = vload_n(S + r * lds + (nv - 1) * kW, left, -INFINITY);
+  for (int64_t v = 0; v + 1 < nv; ++v)
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) mx[r] = vmax(mx[r], vload(S + r * lds + v * kW));
+  float m_new[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const float x = vhmax(mx[r]);
+    m_new[r] = first || x > m[r] ? x : m[r];
+    sh[r] = vset(-scale * m_new[r]);
+    acc[r] = vzero();
+  }
+  const vf vs = vset(scale);
+  for (int64_t v = 0; v < nv; ++v)
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      float* s = S + r * lds + v * kW;
+      vf e = vexp(vfma(vload(s), vs, sh[r]));
+      if (v + 1 == nv) e = vkeep_n(e, left);  // lanes past kb: whatever they held, now 0
+      vstore(s, e);
+      acc[r] = vadd(acc[r], e);
     }
-    if (kb8 < kb) {
-      __m256 e = exp256(_mm256_sub_ps(_mm256_maskload_ps(s + kb8, mask), vm));
-      e = _mm256_and_ps(e, _mm256_castsi256_ps(mask));
-      _mm256_maskstore_ps(s + kb8, mask, e);
-      vsum = _mm256_add_ps(vsum, e);
-    }
-    const float sum = hsum256(vsum);
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const float sum = vsum(acc[r]);
     if (first) {
       l[r] = sum;
     } else {
-      const float corr = std::exp(m[r] - m_new);
-      l[r] = l[r] * corr + sum;
-      const __m256 vc = _mm256_set1_ps(corr);
-      for (int64_t d = 0; d < Dp; d += 8)
-        _mm256_storeu_ps(O + r * Dp + d, _mm256_mul_ps(_mm256_loadu_ps(O + r * Dp + d), vc));
+      corr[r] = std::exp(scale * (m[r] - m_new[r]));
+      l[r] = l[r] * corr[r] + sum;
     }
-    m[r] = m_new;
+    m[r] = m_new[r];
+  }
+}
+
+void softmax_block(float* S, int64_t lds, int64_t rows, int64_t kb, float scale, float* O, int64_t Dp, float* m,
+                   float* l, bool first) {
+  float corr[4];
+  for (int64_t r = 0; r < rows; r += 4) {
+    const int64_t n = imin(4, rows - r);
+    float* Sr = S + r * lds;
+    switch (n) {
+      case 4: softmax_rows<4>(Sr, lds, kb, scale, m + r, l + r, corr, first); break;
+      case 3: softmax_rows<3>(Sr, lds, kb, scale, m + r, l + r, corr, first); break;
+      case 2: softmax_rows<2>(Sr, lds, kb, scale, m + r, l + r, corr, first); break;
+      default: softmax_rows<1>(Sr, lds, kb, scale, m + r, l + r, corr, first); break;
+    }
+    if (!first)
+      for (int64_t i = 0; i < n; ++i) scale_row(O + (r + i) * Dp, O + (r + i) * Dp, Dp, corr[i]);
   }
 }
 
 struct Scratch {
-  std::vector<float> Q, S, O, m, l;
+  Scratch(const AttentionParams& p, const Shape& s)
+      : S(kQueryBlock * s.lds), O(p.M > s.KB ? kQueryBlock * s.Dp : 0), m(kQueryBlock), l(kQueryBlock) {}
+  Buf<float> S, O, m, l;
 };
 
-void query_block(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, int64_t rows,
-                 const float* kt, const float* vp, int64_t Mp, int64_t Dp, int64_t KB, Scratch& w) {
-  const int64_t lds = round_up(KB, 8);
-  // Pack the query rows (contiguous, row stride Dp): strided rows straight from memory
-  // would make every GEMM broadcast a cache miss.
-  // The softmax scale is folded in here (scores come out scaled).
-  const int64_t D = p.D, sqn = p.sqn, son = p.son;
-  const float* qsrc = p.q + b * p.sqb + h * p.sqh + i0 * sqn;
-  float* q = w.Q.data();
-  for (int64_t r = 0; r < rows; ++r) scale_row(qsrc + r * sqn, q + r * Dp, D, p.scale);
-  for (int64_t j0 = 0; j0 < p.M; j0 += KB) {
-    const int64_t kb = std::min(KB, p.M - j0);
-    const bool first = j0 == 0;
-    // all round_up(kb, 8) columns: Kt's zero padding makes the extra scores 0, never read
-    gemm(q, Dp, kt + j0, Mp, w.S.data(), lds, rows, round_up(kb, 8), p.D, false);
-    softmax_block(w.S.data(), lds, rows, kb, w.O.data(), Dp, w.m.data(), w.l.data(), first);
-    gemm(w.S.data(), lds, vp + j0 * Dp, Dp, w.O.data(), Dp, rows, p.D, kb, !first);
+// Queries [i0, i0 + rows) of head (b, h). The GEMMs read q's rows in place (broadcasts: any
+// row stride is fine) and, with one key block, write o's rows in place too, 1/l applied in
+// their epilogue.
+void query_block(const AttentionParams& p, const Shape& s, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                 const float* kt, const float* vp, Scratch& w) {
+  const float* q = p.q + b * p.sqb + h * p.sqh + i0 * p.sqn;
+  float* o = p.o + b * p.sob + h * p.soh + i0 * p.son;
+  float *S = w.S.data(), *m = w.m.data(), *l = w.l.data();
+  if (s.KB >= p.M) {
+    gemm<false>(q, p.sqn, kt, s.Mp, S, s.lds, rows, s.Mp, p.D);
+    softmax_block(S, s.lds, rows, p.M, p.scale, nullptr, 0, m, l, true);
+    for (int64_t r = 0; r < rows; ++r) l[r] = 1.0f / l[r];
+    gemm<false>(S, s.lds, vp, s.Dp, o, p.son, rows, p.D, p.M, l);
+    return;
   }
-  float* o = p.o + b * p.sob + h * p.soh + i0 * son;
-  for (int64_t r = 0; r < rows; ++r) scale_row(&w.O[r * Dp], o + r * son, D, 1.0f / w.l[r]);
+  float* O = w.O.data();
+  for (int64_t j0 = 0; j0 < p.M; j0 += s.KB) {
+    const int64_t kb = imin(s.KB, p.M - j0);
+    const bool first = j0 == 0;
+    // whole vectors of scores: Kt's zero padding (or the next block's keys) fill the rest
+    gemm<false>(q, p.sqn, kt + j0, s.Mp, S, s.lds, rows, round_up(kb, kW), p.D);
+    softmax_block(S, s.lds, rows, kb, p.scale, O, s.Dp, m, l, first);
+    if (first) gemm<false>(S, s.lds, vp + j0 * s.Dp, s.Dp, O, s.Dp, rows, s.Dp, kb);
+    else gemm<true>(S, s.lds, vp + j0 * s.Dp, s.Dp, O, s.Dp, rows, s.Dp, kb);
+  }
+  for (int64_t r = 0; r < rows; ++r) scale_row(O + r * s.Dp, o + r * p.son, p.D, 1.0f / l[r]);
 }
 
 }  // namespace
 
 void attention(const AttentionParams& p) {
-  const int64_t BH = p.B * p.H, Mp = round_up(p.M, 8), Dp = round_up(p.D, 8);
-  int64_t KB = p.key_block > 0 ? p.key_block : (p.M <= kWholeKV ? p.M : kKeyBlock);
-  if (KB < p.M) KB = round_up(KB, 8);  // key blocks after the first start on a vector boundary
-  std::vector<float> kt(BH * p.D * Mp), vp(BH * p.M * Dp);
-#pragma omp parallel for schedule(static)
-  for (int64_t bh = 0; bh < BH; ++bh)
-    pack_head(p, bh / p.H, bh % p.H, Mp, Dp, &kt[bh * p.D * Mp], &vp[bh * p.M * Dp]);
-
-  // A task is one block of queries of one batch entry, for every head in turn: q and o rows
-  // of the usual [B, N, H, D] layout are then read and written whole, and the K/V of all
-  // heads (H x 2 x M x D floats; 200 KB for SD1.5 cross-attention) stay in L2.
-  const int64_t nqb = (p.N + kQueryBlock - 1) / kQueryBlock;
+  if (p.B * p.H * p.N * p.D == 0) return;  // M >= 1 (checked on the Python side)
+  Shape s;
+  s.Mp = round_up(p.M, kW);
+  s.Dp = round_up(p.D, kW);
+  s.KB = p.key_block > 0 ? p.key_block : (p.M <= kWholeKV ? p.M : kKeyBlock);
+  if (s.KB < p.M) s.KB = round_up(s.KB, kW);  // key blocks after the first start on a vector
+  s.lds = round_up(s.KB, kW);
+  const int64_t BH = p.B * p.H, kt_size = p.D * s.Mp, vp_size = p.M * s.Dp;
+  Buf<float> kt(BH * kt_size), vp(BH * vp_size);
+  // A task is a block of queries of one batch entry, for every head in turn when the K/V of
+  // all heads fit in L2 (cross-attention: H x 2 x 77 x D floats, 200-800 KB for SD1.5): the q
+  // and o rows of the usual [B, N, H, D] layout are then read and written whole. Otherwise
+  // (self-attention) a task is one head's block and tasks go head by head, so that head's K/V
+  // stays in L2 from one query block to the next.
+  const bool all_heads = p.H * (kt_size + vp_size) * 4 <= kKVCacheBytes;
+  const int64_t hpt = all_heads ? p.H : 1, groups = p.H / hpt;
+  const int64_t nqb = (p.N + kQueryBlock - 1) / kQueryBlock, tasks = p.B * groups * nqb;
 #pragma omp parallel
   {
-    Scratch w;
-    w.Q.resize(kQueryBlock * Dp);
-    w.S.resize(kQueryBlock * round_up(KB, 8));
-    w.O.resize(kQueryBlock * Dp);
-    w.m.resize(kQueryBlock);
-    w.l.resize(kQueryBlock);
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < p.B * nqb; ++t) {
-      const int64_t b = t / nqb, i0 = (t % nqb) * kQueryBlock;
-      for (int64_t h = 0; h < p.H; ++h) {
+    for (int64_t bh = 0; bh < BH; ++bh)
+      pack_head(p, s, bh / p.H, bh % p.H, kt.data() + bh * kt_size, vp.data() + bh * vp_size);
+    Scratch w(p, s);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t bg = t / nqb, i0 = t % nqb * kQueryBlock, b = bg / groups;
+      for (int64_t h = bg % groups * hpt; h < (bg % groups + 1) * hpt; ++h) {
         const int64_t bh = b * p.H + h;
-        query_block(p, b, h, i0, std::min(kQueryBlock, p.N - i0), &kt[bh * p.D * Mp],
-                    &vp[bh * p.M * Dp], Mp, Dp, KB, w);
+        query_block(p, s, b, h, i0, imin(kQueryBlock, p.N - i0), kt.data() + bh * kt_size,
+                    vp.data() + bh * vp_size, w);
       }
     }
   }
 }
 
+}  // namespace SDFAST_ISA
 }  // namespace cpu
 }  // namespace sdfast

@@ -1,10 +1,19 @@
-// sdfast CPU kernels (fp32, OpenMP + AVX2). Torch-free: raw pointers, sizes, element strides.
-// All input checks live in sdfast/ops/cpu_backend.py; these functions trust their arguments.
+// sdfast CPU kernels (fp32, OpenMP + AVX2, and AVX-512 where the CPU has it). Torch-free: raw
+// pointers, sizes, element strides. All input checks live in sdfast/ops/cpu_backend.py; these
+// functions trust their arguments.
 #pragma once
 #include <cstdint>
 
 namespace sdfast {
 namespace cpu {
+
+// The instruction set the kernels below run with: "avx512" when the library was built with it
+// and this CPU has AVX-512 F/DQ/BW/VL, else "avx2". The environment variable SDFAST_CPU_ISA
+// (avx2 | avx512), read once, or set_isa() forces one; set_isa returns false, changing nothing,
+// for a name that is not built or not supported here.
+const char* isa();
+bool set_isa(const char* name);
+bool isa_available(const char* name);
 
 // y[b, c, s] = act((x[b, c, s] + add[b, c] - mean[b, g]) * rstd[b, g] * weight[c] + bias[c])
 // over G groups of C / G channels; act is SiLU when `silu`, else identity. Strides in elements:
@@ -43,6 +52,8 @@ struct LoraMergeParams {
   const int64_t* ranks; const float* scales;
 };
 void lora_merge(const LoraMergeParams& p);
+// Several weights (each with its own LoRAs) merged in one parallel pass.
+void lora_merge(const LoraMergeParams* layers, int64_t n_layers);
 
 }  // namespace cpu
 }  // namespace sdfast

@@ -99,52 +99,100 @@ static void test_attention(int64_t B, int64_t H, int64_t N, int64_t M, int64_t D
   expect_close(name, o, ref, 2e-5);
 }
 
-static void test_lora(int64_t O, int64_t I, std::vector<int64_t> ranks) {
-  auto w = randn(O * I, 8);
-  std::vector<double> ref(w.begin(), w.end());
+struct LoraCase {
+  int64_t O, I;
+  std::vector<int64_t> ranks;
+  std::vector<float> w;
+  std::vector<double> ref;
   std::vector<std::vector<float>> ups, downs;
   std::vector<const float*> up_p, down_p;
   std::vector<int64_t> up_ld, down_ld;
   std::vector<float> scales;
-  for (size_t l = 0; l < ranks.size(); ++l) {
-    const int64_t r = ranks[l];
-    ups.push_back(randn(O * r, 9 + l));
-    downs.push_back(randn(r * I, 19 + l));
-    scales.push_back(0.5f + l);
-    for (int64_t o = 0; o < O; ++o)
-      for (int64_t i = 0; i < I; ++i) {
-        double acc = 0;
-        for (int64_t k = 0; k < r; ++k) acc += double(ups[l][o * r + k]) * downs[l][k * I + i];
-        ref[o * I + i] += scales[l] * acc;
-      }
-    up_ld.push_back(r);
-    down_ld.push_back(I);
+
+  LoraCase(int64_t o, int64_t i, std::vector<int64_t> rk, unsigned seed) : O(o), I(i), ranks(std::move(rk)) {
+    w = randn(O * I, seed);
+    ref.assign(w.begin(), w.end());
+    for (size_t l = 0; l < ranks.size(); ++l) {
+      const int64_t r = ranks[l];
+      ups.push_back(randn(O * r, seed + 9 + l));
+      downs.push_back(randn(r * I, seed + 19 + l));
+      scales.push_back(0.5f + l);
+      for (int64_t a = 0; a < O; ++a)
+        for (int64_t b = 0; b < I; ++b) {
+          double acc = 0;
+          for (int64_t k = 0; k < r; ++k) acc += double(ups[l][a * r + k]) * downs[l][k * I + b];
+          ref[a * I + b] += scales[l] * acc;
+        }
+      up_ld.push_back(r);
+      down_ld.push_back(I);
+    }
+    for (size_t l = 0; l < ranks.size(); ++l) {
+      up_p.push_back(ups[l].data());
+      down_p.push_back(downs[l].data());
+    }
   }
-  for (size_t l = 0; l < ranks.size(); ++l) {
-    up_p.push_back(ups[l].data());
-    down_p.push_back(downs[l].data());
+  LoraMergeParams params() {
+    return LoraMergeParams{w.data(), O, I, I, static_cast<int64_t>(ranks.size()), up_p.data(), up_ld.data(),
+                           down_p.data(), down_ld.data(), ranks.data(), scales.data()};
   }
-  LoraMergeParams p{w.data(), O, I, I, static_cast<int64_t>(ranks.size()), up_p.data(), up_ld.data(),
-                    down_p.data(), down_ld.data(), ranks.data(), scales.data()};
-  lora_merge(p);
-  char name[128];
-  std::snprintf(name, sizeof name, "lora_merge O%lld I%lld loras %zu", (long long)O, (long long)I,
-                ranks.size());
-  expect_close(name, w, ref, 5e-5);
+  void check() {
+    char name[128];
+    std::snprintf(name, sizeof name, "lora_merge O%lld I%lld loras %zu", (long long)O, (long long)I, ranks.size());
+    expect_close(name, w, ref, 5e-5);
+  }
+};
+
+static void test_lora(int64_t O, int64_t I, std::vector<int64_t> ranks) {
+  LoraCase c(O, I, std::move(ranks), 8);
+  lora_merge(c.params());
+  c.check();
 }
 
-int main() {
+// Several weights (one of them untouched: rank list empty) merged in one call.
+static void test_lora_layers() {
+  std::vector<LoraCase> cases;
+  cases.emplace_back(320, 768, std::vector<int64_t>{32}, 30);
+  cases.emplace_back(7, 297, std::vector<int64_t>{1, 4}, 40);
+  cases.emplace_back(50, 50, std::vector<int64_t>{}, 50);
+  cases.emplace_back(96, 77, std::vector<int64_t>{128}, 60);
+  std::vector<LoraMergeParams> ps;
+  for (auto& c : cases) ps.push_back(c.params());
+  lora_merge(ps.data(), static_cast<int64_t>(ps.size()));
+  for (auto& c : cases) c.check();
+}
+
+static void run_all() {
   test_group_norm(2, 64, 63, 32, false, false, false);
   test_group_norm(2, 64, 63, 32, true, true, true);
   test_group_norm(1, 96, 1, 32, false, true, false);
   test_group_norm(1, 320, 64, 32, true, false, true);
+  test_group_norm(2, 640, 63, 32, true, true, true);    // 20-channel groups, 80-channel tasks
+  test_group_norm(2, 40, 17, 8, true, true, false);     // 5-channel groups: one group per task
+  test_group_norm(1, 1280, 9, 32, false, true, true);
+  test_group_norm(3, 64, 8192, 32, true, true, true);   // 2 MB per batch entry: one per wave
+  test_group_norm(2, 64, 0, 32, false, true, false);     // empty: nothing to do
   test_attention(1, 2, 70, 77, 40, 0);
   test_attention(2, 1, 33, 154, 80, 0);
   test_attention(1, 1, 65, 300, 64, 64);
   test_attention(1, 1, 17, 600, 160, 0);
+  test_attention(1, 2, 100, 77, 160, 0);
+  test_attention(1, 1, 50, 77, 72, 0);                  // head dim not a whole AVX-512 vector
+  test_attention(1, 1, 7, 1, 20, 0);                     // one key
   test_lora(45, 77, {1});
   test_lora(64, 321, {4, 7});
   test_lora(33, 9 * 20, {128});
+  test_lora_layers();
+}
+
+int main() {
+  for (const char* name : {"avx2", "avx512"}) {
+    if (!set_isa(name)) {
+      std::printf("-- %s: not built or not supported on this CPU, skipped\n", name);
+      continue;
+    }
+    std::printf("-- %s\n", isa());
+    run_all();
+  }
   std::printf("%d failure(s)\n", g_failures);
   return g_failures == 0 ? 0 : 1;
 }

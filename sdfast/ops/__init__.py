@@ -14,6 +14,8 @@ Force a backend with the `backend=` argument, `with use_backend("cpu"):` or the 
 variable SDFAST_BACKEND (`cpu`, or per op: `attention=cpu,group_norm=reference`); forcing a
 backend that is not available here, or that cannot run the arguments, raises SdfastError.
 """
+import math
+
 import torch
 
 from sdfast.errors import SdfastError
@@ -55,8 +57,10 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, silu=False, add=None, back
                               f"[{x.shape[0]}, {c}] (trailing 1s allowed)")
     if _exporting():
         return group_norm_ref(x, int(num_groups), weight, bias, float(eps), bool(silu), add)
-    return torch.ops.sdfast.group_norm(x, int(num_groups), weight, bias, float(eps), bool(silu),
-                                       add, _backend_arg(backend))
+    args = (x, int(num_groups), weight, bias, float(eps), bool(silu), add, _backend_arg(backend))
+    if _custom.eager(x, weight, bias, add):
+        return _custom.run_group_norm(*args)
+    return torch.ops.sdfast.group_norm(*args)
 
 
 def attention(q, k, v, backend=None):
@@ -73,6 +77,8 @@ def attention(q, k, v, backend=None):
                           "or heads")
     if _exporting():
         return attention_ref(q, k, v)
+    if _custom.eager(q, k, v):
+        return _custom.run_attention(q, k, v, _backend_arg(backend))
     return torch.ops.sdfast.attention(q, k, v, _backend_arg(backend))
 
 
@@ -82,19 +88,46 @@ def lora_merge_(weight, up, down, scale, backend=None):
     Linear: weight [O, I], up [O, r], down [r, I]. Conv: weight [O, I, kh, kw], up [O, r, 1, 1]
     (or [O, r]), down [r, I, kh, kw]. Lists for `up`, `down` and `scale` merge several LoRAs
     in one pass over the weight.
+
+    Several weights in one pass: `weight` a list of weights and `up`, `down`, `scale` lists
+    with one entry per weight (each entry as above: one LoRA or a list of them); returns the
+    list. Backends with a batched form (cpu) then spread all the layers over their threads at
+    once instead of one call per layer.
     """
+    backend = _backend_arg(backend)
+    if isinstance(weight, (list, tuple)):
+        if not len(weight) == len(up) == len(down) == len(scale):
+            raise SdfastError(f"lora_merge_: {len(weight)} weights but {len(up)} ups, {len(down)} "
+                              f"downs, {len(scale)} scales")
+        calls = [c for c in map(_lora_args, weight, up, down, scale) if c[0].numel()]
+        if _custom.eager(*(t for w, ups, downs, _ in calls for t in (w, *ups, *downs))):
+            _custom.run_lora_merge_layers(calls, backend)
+        else:
+            for w, ups, downs, scales in calls:
+                torch.ops.sdfast.lora_merge(w, ups, downs, scales, backend)
+        return weight
+    weight, ups, downs, scales = _lora_args(weight, up, down, scale)
+    if weight.numel() == 0:  # nothing to merge
+        return weight
+    if _custom.eager(weight, *ups, *downs):
+        _custom.run_lora_merge(weight, ups, downs, scales, backend)
+    else:
+        torch.ops.sdfast.lora_merge(weight, ups, downs, scales, backend)
+    return weight
+
+
+def _lora_args(weight, up, down, scale):
+    """One weight's checked (weight, ups, downs, scales), the LoRAs as lists."""
     ups, downs, scales = (list(a) if isinstance(a, (list, tuple)) else [a]
                           for a in (up, down, scale))
     if not len(ups) == len(downs) == len(scales):
         raise SdfastError(f"lora_merge_: {len(ups)} ups, {len(downs)} downs, {len(scales)} scales")
-    o, inner = weight.shape[0], weight[0].numel() if weight.dim() > 1 else None
-    if inner is None:
+    if weight.dim() < 2:
         raise SdfastError(f"lora_merge_: weight must be [O, I] or [O, I, kh, kw], got {tuple(weight.shape)}")
+    o, inner = weight.shape[0], math.prod(weight.shape[1:])
     for u, d in zip(ups, downs):
         r = d.shape[0]
-        if u.shape[0] != o or u[0].numel() != r or d[0].numel() != inner:
+        if u.shape[0] != o or math.prod(u.shape[1:]) != r or math.prod(d.shape[1:]) != inner:
             raise SdfastError(f"lora_merge_: up {tuple(u.shape)} @ down {tuple(d.shape)} does not "
                               f"give weight {tuple(weight.shape)}")
-    torch.ops.sdfast.lora_merge(weight, ups, downs, [float(s) for s in scales],
-                                _backend_arg(backend))
-    return weight
+    return weight, ups, downs, [float(s) for s in scales]

@@ -1,4 +1,5 @@
-"""The `cpu` backend: csrc/cpu (OpenMP + AVX2, fp32) through the torch-free module sdfast._C.
+"""The `cpu` backend: csrc/cpu (OpenMP, fp32; AVX2 and AVX-512 builds, the best the CPU has at
+run time) through the torch-free module sdfast._C.
 
 This file is the boundary: it checks the tensors, makes the few copies a kernel cannot do
 without (a layout it has no stride pattern for, a non-fp32 LoRA factor) and passes
@@ -56,25 +57,32 @@ def supports_group_norm(x, num_groups, weight, bias, eps, silu, add):
                          _cpu_f32("add", add))
 
 
-# Where the fused kernels beat torch on the 2-core AVX2 machine (bench/results/kernels-cpu.json,
-# SD1.5 shapes, fp32): group norm from 16x16 spatial (1.3-2.5x) but not at 8x8 (0.7-0.9x);
-# cross-attention (M = 77) up to head dim 80 (1.1-1.2x) but not 160 (0.87x) nor self-attention
-# (0.5-0.8x: torch's SDPA is a better flash kernel there); LoRA merge never (0.83x of addmm_).
-GN_MIN_SPATIAL = 256
-ATTN_MAX_KEYS = 256
-ATTN_MAX_HEAD_DIM = 80
+# Where the cpu kernels beat the reference backend (what automatic selection would run
+# instead), as bench/kernels.py and the issue's shapes measured them (bench/results/
+# kernels-cpu.json; fp32, AVX-512 and AVX2 builds on the same 2-core machine):
+# - group norm: from about 32 K elements (1.3-4x at SD1.5 ResBlock shapes; at 10 K elements
+#   about even, below that the fixed per-call cost loses to torch);
+# - attention with one key block (M <= 512: cross-attention, 77 x chunks keys): with AVX-512
+#   1.0-2x at every head dim; with AVX2 only up to head dim 48 (D 80-160: 0.7-0.9x);
+#   self-attention at SD lengths stays on torch's SDPA (0.8-1.1x);
+# - LoRA merge: always (the reference recomputes in fp32 copies; the kernel is one pass).
+GN_MIN_NUMEL = 32768
+ATTN_MAX_KEYS = 512          # the kernel's one-key-block limit (csrc/cpu/attention.cpp kWholeKV)
+ATTN_MAX_HEAD_DIM_AVX2 = 48
 
 
 def faster_group_norm(x, num_groups, weight, bias, eps, silu, add):
-    return x[0, 0].numel() >= GN_MIN_SPATIAL
+    return x.numel() >= GN_MIN_NUMEL
 
 
 def faster_attention(q, k, v):
-    return k.shape[-2] <= ATTN_MAX_KEYS and q.shape[-1] <= ATTN_MAX_HEAD_DIM
+    if k.shape[-2] > ATTN_MAX_KEYS:
+        return False
+    return _C.cpu_isa() == "avx512" or q.shape[-1] <= ATTN_MAX_HEAD_DIM_AVX2
 
 
 def faster_lora_merge(weight, ups, downs, scales):
-    return False
+    return True
 
 
 def _rows_view(x):
@@ -103,20 +111,24 @@ def _gn_strides(v):
 
 
 def group_norm(x, num_groups, weight, bias, eps, silu, add):
-    if _rows_view(x) is None:
-        x = x.contiguous()
     xv = _rows_view(x)
+    if xv is None:
+        x = x.contiguous()
+        xv = _rows_view(x)
     y = torch.empty_like(x)
-    yv = y.view(xv.shape)
     b, c, s = xv.shape
-    weight = None if weight is None else weight.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    x_strides = _gn_strides(xv)
+    y_strides = x_strides if y.stride() == x.stride() else _gn_strides(y.view(xv.shape))
+    if weight is not None and not weight.is_contiguous():
+        weight = weight.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
     add_strides = [0, 0]
     if add is not None:
         add = add.reshape(add.shape[0], add.shape[1])  # [B|1, C(, 1, 1)] -> [B|1, C]
         add_strides = [add.stride(0) if add.shape[0] > 1 else 0, add.stride(1)]
     _C.group_norm_f32(x.data_ptr(), y.data_ptr(), _addr(weight), _addr(bias), _addr(add),
-                      b, c, s, num_groups, _gn_strides(xv), _gn_strides(yv), add_strides,
+                      b, c, s, num_groups, x_strides, y_strides, add_strides,
                       float(eps), bool(silu), torch.get_num_threads())
     return y
 
@@ -182,19 +194,38 @@ def _matrix(t, rows):
     return t if t.stride(1) == 1 or t.shape[1] == 1 else t.contiguous()
 
 
-def lora_merge_(weight, ups, downs, scales):
+def _lora_layer(weight, ups, downs, scales):
+    """(kernel arguments, target) of one weight: the target is the [O, I] fp32 matrix merged in
+    place, a copy when `weight` has no such view (copied back by _lora_done)."""
     o = weight.shape[0]
     target = weight.detach().reshape(o, -1)
     if target.data_ptr() != weight.data_ptr() or (target.stride(1) != 1 and target.shape[1] > 1):
-        target = target.contiguous()  # merged below, then copied back into weight
+        target = target.contiguous()
     ups = [_matrix(u, o) for u in ups]
     downs = [_matrix(d, d.shape[0]) for d in downs]
-    _C.lora_merge_f32(target.data_ptr(), o, target.shape[1], target.stride(0),
-                      [u.data_ptr() for u in ups], [u.stride(0) for u in ups],
-                      [d.data_ptr() for d in downs], [d.stride(0) for d in downs],
-                      [d.shape[0] for d in downs], [float(s) for s in scales],
-                      torch.get_num_threads())
+    args = (target.data_ptr(), o, target.shape[1], target.stride(0),
+            [u.data_ptr() for u in ups], [u.stride(0) for u in ups],
+            [d.data_ptr() for d in downs], [d.stride(0) for d in downs],
+            [d.shape[0] for d in downs], [float(s) for s in scales])
+    return args, target, (ups, downs)  # the factors stay referenced until the kernel ran
+
+
+def _lora_done(weight, target):
     if target.data_ptr() != weight.data_ptr():
         with torch.no_grad():
             weight.copy_(target.reshape(weight.shape))
+
+
+def lora_merge_(weight, ups, downs, scales):
+    args, target, keep = _lora_layer(weight, ups, downs, scales)
+    _C.lora_merge_f32(*args, torch.get_num_threads())
+    _lora_done(weight, target)
     return weight
+
+
+def lora_merge_layers_(layers):
+    """lora_merge_ on every (weight, ups, downs, scales) of `layers`, in one parallel pass."""
+    prepared = [_lora_layer(*layer) for layer in layers]
+    _C.lora_merge_layers_f32([args for args, _, _ in prepared], torch.get_num_threads())
+    for (weight, *_), (_, target, _) in zip(layers, prepared):
+        _lora_done(weight, target)

@@ -10,6 +10,12 @@ when the op runs, on the real tensors. Output layouts are fixed here, whatever t
 returns: group_norm's output has x's layout (`empty_like`), attention's is [B, N, H, D] memory
 viewed as [B, H, N, D]. Gradients flow through the reference (recomputed in backward), so a
 fused forward never changes what training computes.
+
+Each op's body is a plain function (`run_group_norm`, `run_attention`, `run_lora_merge`, and
+`run_lora_merge_layers` for several weights at once).
+`eager(*tensors)` says when calling it directly is indistinguishable from calling the op (no
+compiling or tracing, no dispatch mode or tensor subclass to see the op, no autograd to
+record): sdfast.ops then skips the dispatcher's ~20 us per call.
 """
 import torch
 
@@ -17,15 +23,32 @@ from . import registry
 from .reference import attention_ref, group_norm_ref
 
 
-def _same_layout(out, like):
-    return all(s1 == s2 for n, s1, s2 in zip(out.shape, out.stride(), like.stride()) if n > 1)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _in_layout(out, like):
-    """`out` with `like`'s strides (copied only when they differ)."""
-    if out.shape == like.shape and _same_layout(out, like):
+def eager(*tensors):
+    """Whether an op's body may run directly on these arguments (None entries allowed)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
+            return False
+    return True
+
+
+def _same_layout(out, like_shape, like_stride):
+    return out.shape == like_shape and all(
+        s1 == s2 for n, s1, s2 in zip(like_shape, out.stride(), like_stride) if n > 1)
+
+
+def _in_x_layout(out, x):
+    """`out` laid out as `torch.empty_like(x)` (copied only when it is not already)."""
+    dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+    if dense and _same_layout(out, x.shape, x.stride()):
         return out
-    return like.copy_(out)
+    like = torch.empty_like(x)
+    return out if _same_layout(out, like.shape, like.stride()) else like.copy_(out)
 
 
 def _attention_out(q, v):
@@ -35,16 +58,20 @@ def _attention_out(q, v):
 
 # --- group_norm ----------------------------------------------------------------------------
 
-@torch.library.custom_op("sdfast::group_norm", mutates_args=())
-def group_norm_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
-                  bias: torch.Tensor | None, eps: float, silu: bool, add: torch.Tensor | None,
-                  backend: str) -> torch.Tensor:
+def run_group_norm(x, num_groups, weight, bias, eps, silu, add, backend):
     args = (x, num_groups, weight, bias, eps, silu, add)
     _, fn = registry.select("group_norm", args, backend or None)
     out = fn(*args)
     if out.data_ptr() == x.data_ptr():  # a custom op's output may not alias an input
         out = out.clone()
-    return _in_layout(out, torch.empty_like(x))
+    return _in_x_layout(out, x)
+
+
+@torch.library.custom_op("sdfast::group_norm", mutates_args=())
+def group_norm_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
+                  bias: torch.Tensor | None, eps: float, silu: bool, add: torch.Tensor | None,
+                  backend: str) -> torch.Tensor:
+    return run_group_norm(x, num_groups, weight, bias, eps, silu, add, backend)
 
 
 @group_norm_op.register_fake
@@ -78,13 +105,21 @@ torch.library.register_autograd("sdfast::group_norm", _group_norm_backward,
 
 # --- attention -----------------------------------------------------------------------------
 
-@torch.library.custom_op("sdfast::attention", mutates_args=())
-def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+def run_attention(q, k, v, backend):
     _, fn = registry.select("attention", (q, k, v), backend or None)
     out = fn(q, k, v)
     if out.data_ptr() in (q.data_ptr(), k.data_ptr(), v.data_ptr()):
         out = out.clone()
-    return _in_layout(out, _attention_out(q, v))
+    b, h, n, _ = q.shape
+    shape, stride = (b, h, n, v.shape[-1]), (n * h * v.shape[-1], v.shape[-1], h * v.shape[-1], 1)
+    if _same_layout(out, shape, stride):  # [B, N, H, Dv] memory
+        return out
+    return _attention_out(q, v).copy_(out)
+
+
+@torch.library.custom_op("sdfast::attention", mutates_args=())
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+    return run_attention(q, k, v, backend)
 
 
 @attention_op.register_fake
@@ -113,12 +148,22 @@ torch.library.register_autograd("sdfast::attention", _attention_backward,
 
 # --- lora_merge ----------------------------------------------------------------------------
 
-@torch.library.custom_op("sdfast::lora_merge", mutates_args=("weight",))
-def lora_merge_op(weight: torch.Tensor, ups: list[torch.Tensor], downs: list[torch.Tensor],
-                  scales: list[float], backend: str) -> None:
+def run_lora_merge(weight, ups, downs, scales, backend):
     args = (weight, list(ups), list(downs), list(scales))
     _, fn = registry.select("lora_merge", args, backend or None)
     fn(*args)
+
+
+def run_lora_merge_layers(calls, backend):
+    """Several weights' merges: `calls` a list of (weight, ups, downs, scales)."""
+    registry.run_many("lora_merge", [(w, list(u), list(d), list(s)) for w, u, d, s in calls],
+                      backend or None)
+
+
+@torch.library.custom_op("sdfast::lora_merge", mutates_args=("weight",))
+def lora_merge_op(weight: torch.Tensor, ups: list[torch.Tensor], downs: list[torch.Tensor],
+                  scales: list[float], backend: str) -> None:
+    run_lora_merge(weight, ups, downs, scales, backend)
 
 
 @lora_merge_op.register_fake

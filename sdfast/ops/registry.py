@@ -22,7 +22,9 @@ that fails to import makes its backend unavailable and never breaks `import sdfa
 Each module defines `available() -> bool`, the op functions and `supports_<op>(...)`, and may
 define `faster_<op>(...) -> bool`: whether it beats the next backend for these arguments, as
 measured by bench/kernels.py. Automatic selection skips a backend where that is False (forcing
-it still works): the fastest correct backend, not merely the first.
+it still works): the fastest correct backend, not merely the first. A module may also define
+a batched form of an op (`lora_merge_layers_(layers)`, layers a list of argument tuples) that
+`run_many` calls instead of one call per tuple.
 
 Selection: a forced backend wins (the op's `backend=` argument, then `use_backend(...)`, then
 the SDFAST_BACKEND environment variable); otherwise the first backend of `AUTO_ORDER[device]`
@@ -53,8 +55,9 @@ _MODULES = {
     "triton": "sdfast.ops.triton_backend",
     "cuda": "sdfast.ops.cuda_backend",
 }
-# The function each backend module defines for an op.
+# The function each backend module defines for an op, and its optional batched form.
 _FUNCTION = {"group_norm": "group_norm", "attention": "attention", "lora_merge": "lora_merge_"}
+_MANY = {"lora_merge": "lora_merge_layers_"}
 
 
 @dataclass
@@ -64,6 +67,7 @@ class Impl:
     fn: object
     constraints: list = field(default_factory=list)
     faster: object = None     # automatic selection only: `faster(*args)` False -> skip it here
+    many: object = None       # `many(list of argument tuples)`: fn on each, in one call
 
     def reason(self, args):
         """None when every constraint accepts `args`, else the first refusal's reason."""
@@ -123,6 +127,7 @@ def _load(backend):
         check = getattr(mod, f"supports_{op}", None)
         register(op, backend, constraints=[check] if check else [])(fn)
         _IMPLS[op][backend].faster = getattr(mod, f"faster_{op}", None)
+        _IMPLS[op][backend].many = getattr(mod, _MANY.get(op, ""), None)
 
 
 def _impl(op, backend):
@@ -225,6 +230,22 @@ def select(op, args, backend=None):
             return name, impl.fn
     impl = _impl(op, "reference")
     return "reference", impl.fn
+
+
+def run_many(op, calls, backend=None):
+    """Run `op` on every argument tuple of `calls`, each on the backend `select` picks for it;
+    the calls of a backend with a batched form (`Impl.many`) go to it in one call."""
+    groups = {}
+    for args in calls:
+        name, _ = select(op, args, backend)
+        groups.setdefault(name, []).append(args)
+    for name, group in groups.items():
+        impl = _impl(op, name)
+        if impl.many is not None and len(group) > 1:
+            impl.many(group)
+        else:
+            for args in group:
+                impl.fn(*args)
 
 
 def _first_tensor(args):

@@ -42,7 +42,9 @@ def rand(*shape, dtype, seed=0, scale=1.0, shift=0.0):
 @pytest.mark.parametrize("name", list(BACKENDS))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,groups,layout", [
-    ((2, 320, 64, 64), 32, "nchw"),
+    # the matrix: C in {320, 640, 1280} x HW in {1, 7x9, 64x64} x both layouts
+    *[((2, c, *hw), 32, layout) for c in (320, 640, 1280) for hw in ((1, 1), (7, 9), (64, 64))
+      for layout in ("nchw", "channels_last")],
     ((2, 320, 33, 17), 32, "channels_last"),
     ((1, 1280, 8, 8), 32, "channels_last"),
     ((2, 512, 1000), 32, "bcn"),
