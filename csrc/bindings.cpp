@@ -18,6 +18,7 @@
 
 namespace py = pybind11;
 using sdfast::cpu::AttentionParams;
+using sdfast::cpu::Conv3x3Params;
 using sdfast::cpu::GroupNormParams;
 using sdfast::cpu::LoraMergeParams;
 
@@ -104,6 +105,22 @@ static void lora_merge_f32(std::uintptr_t w, int64_t O, int64_t I, int64_t ldw,
   lora_merge_layers_f32({LoraLayer{w, O, I, ldw, ups, ups_ld, downs, downs_ld, ranks, scales}}, threads);
 }
 
+// x [B, H, W, Cin], y and add [B, H, W, Cout] channels-last: strides (b, h, w), channel stride 1.
+static void conv3x3_winograd_f32(std::uintptr_t x, std::uintptr_t weight, std::uintptr_t bias,
+                                 std::uintptr_t add, std::uintptr_t y, int64_t B, int64_t H, int64_t W,
+                                 int64_t Cin, int64_t Cout, std::vector<int64_t> x_strides,
+                                 std::vector<int64_t> y_strides, std::vector<int64_t> add_strides,
+                                 int threads) {
+  Conv3x3Params p{ptr<const float>(x), ptr<const float>(weight), ptr<const float>(bias),
+                  ptr<const float>(add), ptr<float>(y), B, H, W, Cin, Cout,
+                  x_strides.at(0), x_strides.at(1), x_strides.at(2),
+                  y_strides.at(0), y_strides.at(1), y_strides.at(2),
+                  add_strides.at(0), add_strides.at(1), add_strides.at(2)};
+  py::gil_scoped_release release;
+  set_threads(threads);
+  sdfast::cpu::conv3x3_winograd(p);
+}
+
 static bool set_cpu_isa(const std::string& name) { return sdfast::cpu::set_isa(name.c_str()); }
 static bool cpu_isa_available(const std::string& name) { return sdfast::cpu::isa_available(name.c_str()); }
 
@@ -131,6 +148,11 @@ PYBIND11_MODULE(_C, m) {
         "lora_merge_f32 over several weights in one parallel pass: a list of its argument tuples "
         "(w, O, I, ldw, ups, ups_ld, downs, downs_ld, ranks, scales)",
         py::arg("layers"), py::arg("threads") = 0);
+  m.def("conv3x3_winograd_f32", &conv3x3_winograd_f32,
+        "3x3 conv, stride 1, padding 1 (+ bias, + add), channels-last, by Winograd F(4x4, 3x3), fp32",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("add"), py::arg("y"), py::arg("B"),
+        py::arg("H"), py::arg("W"), py::arg("Cin"), py::arg("Cout"), py::arg("x_strides"),
+        py::arg("y_strides"), py::arg("add_strides"), py::arg("threads") = 0);
   m.def("cpu_isa", &sdfast::cpu::isa, "the instruction set the kernels run with (avx2 | avx512)");
   m.def("set_cpu_isa", &set_cpu_isa, "force avx2 or avx512; False where not built or not supported",
         py::arg("name"));

@@ -94,13 +94,24 @@ def float64_copy(model):
     return copy.deepcopy(model).double()
 
 
-def earned_error(out, ref32, ref64, ulps=4):
+# The cpu backend's 3x3 convolutions (Winograd F(4x4, 3x3)) round more than the direct
+# convolution: tests/test_conv.py asserts their rms error at SD channel counts is at most this
+# many times the direct fp32 convolution's (measured: up to 6x against oneDNN's NCHW
+# convolution, 1-3x against its channels-last one). A model's output error is the sum of its
+# ops' propagated errors, so a model running them may be this many times as far from float64 as
+# the reference's fp32 run (measured on the test models and SD1.5: 2.5-3.3x).
+WINOGRAD_ERROR_FACTOR = 8
+
+
+def earned_error(out, ref32, ref64, ulps=4, factor=2):
     """flash-attention-style tolerance: returns `(err, bound)` with `err = max|out - ref64|`
-    and `bound = 2 * max|ref32 - ref64| + atol`, i.e. our fp32 result may be at most twice as far
-    from the float64 reference as the reference's own fp32 run, plus `ulps` fp32 ulps of the
-    output's magnitude (atol for outputs where the reference happens to round exactly)."""
+    and `bound = factor * max|ref32 - ref64| + atol`, i.e. our fp32 result may be at most
+    `factor` (by default twice) as far from the float64 reference as the reference's own fp32
+    run, plus `ulps` fp32 ulps of the output's magnitude (atol for outputs where the reference
+    happens to round exactly). Models whose convolutions may run Winograd pass
+    `factor=WINOGRAD_ERROR_FACTOR`."""
     ref64 = ref64.double()
     err = (out.double() - ref64).abs().max().item()
     ref_err = (ref32.double() - ref64).abs().max().item()
     atol = ulps * torch.finfo(torch.float32).eps * ref64.abs().max().item()
-    return err, 2 * ref_err + atol
+    return err, factor * ref_err + atol

@@ -8,7 +8,8 @@ References, all independent of sdfast:
   and the LDM VAE names it lists in `DIFFUSERS_TO_LDM_MAPPING["vae"]`.
 
 Tolerance: the earned bound of tests/test_unet.py (`_diffusers_models.earned_error`): our fp32
-error against diffusers' fp64 run at most 2x diffusers' own fp32 error plus 4 fp32 ulps.
+error against diffusers' fp64 run at most 2x diffusers' own fp32 error plus 4 fp32 ulps, 8x
+where our 3x3 convolutions may run Winograd (`WINOGRAD_ERROR_FACTOR`, see tests/test_conv.py).
 """
 import dataclasses
 import gc
@@ -17,7 +18,7 @@ import pytest
 import torch
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING, convert_ldm_vae_checkpoint
 
-from _diffusers_models import VAE_CONFIGS, earned_error, float64_copy, make_vae
+from _diffusers_models import VAE_CONFIGS, WINOGRAD_ERROR_FACTOR, earned_error, float64_copy, make_vae
 from sdfast.io.diffusers_unet import vae_diffusers_to_ldm
 from sdfast.models.vae import AutoencoderKL, VAEConfig
 
@@ -59,7 +60,7 @@ def run_ours(model, image, latent):
 
 def assert_parity(ours, refs32, refs64):
     for label, out, ref32, ref64 in zip(["mean", "logvar", "decode"], ours, refs32, refs64):
-        err, bound = earned_error(out, ref32, ref64)
+        err, bound = earned_error(out, ref32, ref64, factor=WINOGRAD_ERROR_FACTOR)
         assert err <= bound, f"{label}: max error {err:.3g} vs fp64 exceeds the bound {bound:.3g}"
 
 

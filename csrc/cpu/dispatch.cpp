@@ -65,6 +65,7 @@ void group_norm(const GroupNormParams& p) { SDFAST_DISPATCH(group_norm, p); }
 void attention(const AttentionParams& p) { SDFAST_DISPATCH(attention, p); }
 void lora_merge(const LoraMergeParams* layers, int64_t n_layers) { SDFAST_DISPATCH(lora_merge, layers, n_layers); }
 void lora_merge(const LoraMergeParams& p) { lora_merge(&p, 1); }
+void conv3x3_winograd(const Conv3x3Params& p) { SDFAST_DISPATCH(conv3x3_winograd, p); }
 
 }  // namespace cpu
 }  // namespace sdfast

@@ -55,5 +55,17 @@ void lora_merge(const LoraMergeParams& p);
 // Several weights (each with its own LoRAs) merged in one parallel pass.
 void lora_merge(const LoraMergeParams* layers, int64_t n_layers);
 
+// y[b, h, w, o] = bias[o] + add[b, h, w, o] + sum_{i, kh, kw} x[b, h + kh - 1, w + kw - 1, i] *
+// weight[o, i, kh, kw]: a 3x3 convolution, stride 1, zero padding 1, by Winograd F(4x4, 3x3)
+// (csrc/cpu/winograd.cpp). x [B, H, W, Cin] and y, add [B, H, W, Cout] are channels-last
+// (unit channel stride; element strides (b, h, w) given); weight is [Cout, Cin, 3, 3]
+// contiguous, read as it is (transformed block by block on the fly). bias, add may be null.
+struct Conv3x3Params {
+  const float* x; const float* weight; const float* bias; const float* add; float* y;
+  int64_t B, H, W, Cin, Cout;
+  int64_t sxb, sxh, sxw, syb, syh, syw, sab, sah, saw;
+};
+void conv3x3_winograd(const Conv3x3Params& p);
+
 }  // namespace cpu
 }  // namespace sdfast

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu_test_main.h"
 
 using namespace sdfast::cpu;
 
@@ -184,15 +185,4 @@ static void run_all() {
   test_lora_layers();
 }
 
-int main() {
-  for (const char* name : {"avx2", "avx512"}) {
-    if (!set_isa(name)) {
-      std::printf("-- %s: not built or not supported on this CPU, skipped\n", name);
-      continue;
-    }
-    std::printf("-- %s\n", isa());
-    run_all();
-  }
-  std::printf("%d failure(s)\n", g_failures);
-  return g_failures == 0 ? 0 : 1;
-}
+int main() { return run_on_every_isa(run_all, g_failures); }

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from .layers import Conv2d, channels_last
 from .unet import (TimestepEmbedSequential, UNetConfig, build_input_blocks, build_middle_block,
                    timestep_embedding)
 
@@ -37,7 +38,7 @@ class ControlNetConfig:
 
 
 def _zero_conv(channels):
-    return TimestepEmbedSequential(nn.Conv2d(channels, channels, 1))
+    return TimestepEmbedSequential(Conv2d(channels, channels, 1))
 
 
 class ControlNetModel(nn.Module):
@@ -54,9 +55,9 @@ class ControlNetModel(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         layers, ch = [], config.hint_channels
         for out, stride in _HINT_LAYERS:
-            layers += [nn.Conv2d(ch, out, 3, stride=stride, padding=1), nn.SiLU()]
+            layers += [Conv2d(ch, out, 3, stride=stride, padding=1), nn.SiLU()]
             ch = out
-        layers.append(nn.Conv2d(ch, mc, 3, padding=1))
+        layers.append(Conv2d(ch, mc, 3, padding=1))
         self.input_hint_block = TimestepEmbedSequential(*layers)
         self.input_blocks, chans = build_input_blocks(cfg)
         self.zero_convs = nn.ModuleList(_zero_conv(c) for c in chans)
@@ -75,9 +76,9 @@ class ControlNetModel(nn.Module):
             timesteps = timesteps.expand(x.shape[0])
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.config.unet.model_channels).to(dtype))
-        guided = self.input_hint_block(hint.to(dtype), emb, context)   # [B, mc, h, w]
+        guided = self.input_hint_block(channels_last(hint.to(dtype)), emb, context)   # [B, mc, h, w]
         outs = []
-        h = x
+        h = channels_last(x)
         for index, (block, zero) in enumerate(zip(self.input_blocks, self.zero_convs)):
             h = block(h, emb, context)
             if index == 0:

@@ -2,12 +2,16 @@
 
 Sources: the LDM code of CompVis / Stability-AI `stablediffusion` (`ldm/modules/attention.py`,
 `ldm/modules/diffusionmodules/openaimodel.py`, `ldm/modules/diffusionmodules/model.py`).
-Every GroupNorm goes through the ops layer so that fused backends can replace it.
+Every GroupNorm and convolution goes through the ops layer so that fused backends can replace it.
+The models run channels-last ([B, C, H, W] tensors with the channels innermost in memory): every
+backend's conv and group norm take that layout, and a transformer's token view [B, h*w, C] of a
+channels-last map is free (no transpose copy).
 """
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sdfast.ops import group_norm
+from sdfast.ops import conv2d, group_norm
 
 
 def norm(module, x, silu=False, add=None):
@@ -19,6 +23,34 @@ def norm(module, x, silu=False, add=None):
     """
     return group_norm(x, module.num_groups, module.weight, module.bias, module.eps,
                       silu=silu, add=add)
+
+
+class Conv2d(nn.Conv2d):
+    """`nn.Conv2d` (the same parameters, so the same checkpoint keys) run through
+    `sdfast.ops.conv2d`, which may pick a faster backend (cpu: Winograd for 3x3) and fuses
+    `add` (a residual of the output's shape) into the convolution. Groups and dilation 1,
+    zero padding."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros" or \
+                isinstance(self.padding, str):
+            raise ValueError("sdfast's Conv2d takes groups=1, dilation=1 and numeric zero padding")
+
+    def forward(self, x, add=None):
+        return conv2d(x, self.weight, self.bias, self.stride, self.padding, add=add)
+
+
+def channels_last(x):
+    """`x` with channels innermost in memory (a no-op when it already is)."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def same_layout(out, like):
+    """`out` in `like`'s memory format (what the model was given): contiguous unless `like` is
+    channels-last."""
+    cl = like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last)
+    return out.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
 def key_indices(sd, prefix):
@@ -53,7 +85,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x, size=None):
         if size is None:
@@ -63,4 +95,5 @@ class Upsample(nn.Module):
         return self.conv(x)
 
 
-__all__ = ["norm", "key_indices", "split_heads", "merge_heads", "Upsample"]
+__all__ = ["norm", "Conv2d", "channels_last", "same_layout", "key_indices", "split_heads",
+           "merge_heads", "Upsample"]

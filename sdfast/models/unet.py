@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from sdfast.ops import attention
 
-from .layers import Upsample, key_indices, merge_heads, norm, split_heads
+from .layers import (Conv2d, Upsample, channels_last, key_indices, merge_heads, norm, same_layout,
+                     split_heads)
 
 # LDM's `Normalize` in attention.py uses eps 1e-6; `normalization` (GroupNorm32) keeps 1e-5.
 _TRANSFORMER_NORM_EPS = 1e-6
@@ -138,19 +139,20 @@ class ResBlock(nn.Module):
     def __init__(self, channels, emb_channels, out_channels, groups):
         super().__init__()
         self.in_layers = nn.Sequential(nn.GroupNorm(groups, channels), nn.SiLU(),
-                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+                                       Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         # Index 2 is LDM's Dropout slot (no weights), kept so the conv stays `out_layers.3`.
         self.out_layers = nn.Sequential(nn.GroupNorm(groups, out_channels), nn.SiLU(), nn.Identity(),
-                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+                                        Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = (nn.Identity() if channels == out_channels
-                                else nn.Conv2d(channels, out_channels, 1))
+                                else Conv2d(channels, out_channels, 1))
 
     def forward(self, x, emb):
         h = self.in_layers[2](norm(self.in_layers[0], x, silu=True))  # [B, Cin, h, w] -> [B, C, h, w]
         e = self.emb_layers(emb)  # [B, E] -> [B, C]
-        h = self.out_layers[3](norm(self.out_layers[0], h, silu=True, add=e))
-        return self.skip_connection(x) + h
+        # the skip is added in the conv's epilogue: skip + (conv + bias)
+        return self.out_layers[3](norm(self.out_layers[0], h, silu=True, add=e),
+                                  add=self.skip_connection(x))
 
 
 class Downsample(nn.Module):
@@ -158,7 +160,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x):
         return self.op(x)  # [B, C, h, w] -> [B, C, ceil(h/2), ceil(w/2)]
@@ -236,10 +238,10 @@ class SpatialTransformer(nn.Module):
         inner = heads * dim_head
         self.use_linear = use_linear
         self.norm = nn.GroupNorm(groups, channels, eps=_TRANSFORMER_NORM_EPS)
-        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
+        self.proj_in = nn.Linear(channels, inner) if use_linear else Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth))
-        self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
+        self.proj_out = nn.Linear(inner, channels) if use_linear else Conv2d(inner, channels, 1)
 
     def forward(self, x, context):
         b, _, h, w = x.shape
@@ -285,7 +287,7 @@ def _transformer(cfg, channels):
 def build_input_blocks(cfg):
     """LDM `input_blocks` and the channel count of each block's output (the skips)."""
     blocks = nn.ModuleList([TimestepEmbedSequential(
-        nn.Conv2d(cfg.in_channels, cfg.model_channels, 3, padding=1))])
+        Conv2d(cfg.in_channels, cfg.model_channels, 3, padding=1))])
     chans = [cfg.model_channels]
     ch = cfg.model_channels
     for level, mult in enumerate(cfg.channel_mult):
@@ -344,7 +346,7 @@ class UNetModel(nn.Module):
         self.middle_block = build_middle_block(config, chans[-1])
         self.output_blocks = build_output_blocks(config, chans)
         self.out = nn.Sequential(nn.GroupNorm(config.norm_groups, mc), nn.SiLU(),
-                                 nn.Conv2d(mc, config.out_channels, 3, padding=1))
+                                 Conv2d(mc, config.out_channels, 3, padding=1))
 
     def forward(self, x, timesteps, context, control=None):
         """`control`: optional ControlNet residuals, one per input block (added to the skip
@@ -354,7 +356,7 @@ class UNetModel(nn.Module):
         t_emb = timestep_embedding(timesteps, self.config.model_channels)
         emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))  # [B, mc] -> [B, 4*mc]
         hs = []
-        h = x
+        h = channels_last(x)
         for block in self.input_blocks:
             h = block(h, emb, context)
             hs.append(h)
@@ -364,7 +366,8 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = torch.cat([h, hs.pop()], dim=1)  # [B, C, h, w] -> [B, C + Cskip, h, w]
             h = block(h, emb, context, size=hs[-1].shape[-2:] if hs else None)
-        return self.out[2](norm(self.out[0], h, silu=True))  # [B, mc, h, w] -> [B, Cout, h, w]
+        out = self.out[2](norm(self.out[0], h, silu=True))  # [B, mc, h, w] -> [B, Cout, h, w]
+        return same_layout(out, x)
 
 
 def _add_control(hs, h, control):

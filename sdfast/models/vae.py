@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from sdfast.ops import attention
 
-from .layers import Upsample, key_indices, norm
+from .layers import Conv2d, Upsample, channels_last, key_indices, norm, same_layout
 
 # LDM `Normalize` in model.py: GroupNorm(32, C, eps=1e-6).
 _NORM_EPS = 1e-6
@@ -71,16 +71,16 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels, out_channels, groups):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=_NORM_EPS)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=_NORM_EPS)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = (nn.Identity() if in_channels == out_channels
-                             else nn.Conv2d(in_channels, out_channels, 1))
+                             else Conv2d(in_channels, out_channels, 1))
 
     def forward(self, x):
         h = self.conv1(norm(self.norm1, x, silu=True))  # [B, Cin, h, w] -> [B, C, h, w]
-        h = self.conv2(norm(self.norm2, h, silu=True))
-        return self.nin_shortcut(x) + h
+        # the shortcut is added in the conv's epilogue: shortcut + (conv + bias)
+        return self.conv2(norm(self.norm2, h, silu=True), add=self.nin_shortcut(x))
 
 
 def _tokens(x):
@@ -93,10 +93,10 @@ class AttnBlock(nn.Module):
     def __init__(self, channels, groups):
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels, eps=_NORM_EPS)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.q = Conv2d(channels, channels, 1)
+        self.k = Conv2d(channels, channels, 1)
+        self.v = Conv2d(channels, channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x):
         b, c, h, w = x.shape
@@ -111,7 +111,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+        self.conv = Conv2d(channels, channels, 3, stride=2)
 
     def forward(self, x):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # [B, C, h, w] -> [B, C, floor(h/2), floor(w/2)]
@@ -167,13 +167,13 @@ class Encoder(nn.Module):
         super().__init__()
         chans = [cfg.ch * m for m in cfg.ch_mult]
         last = len(chans) - 1
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         self.down = nn.ModuleList(
             DownLevel(([cfg.ch] + chans)[i], c, cfg.num_res_blocks, cfg.norm_groups, i != last)
             for i, c in enumerate(chans))
         self.mid = MidBlock(chans[-1], cfg.norm_groups)
         self.norm_out = nn.GroupNorm(cfg.norm_groups, chans[-1], eps=_NORM_EPS)
-        self.conv_out = nn.Conv2d(chans[-1], 2 * cfg.z_channels, 3, padding=1)
+        self.conv_out = Conv2d(chans[-1], 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x):
         h = self.conv_in(x)  # [B, Cin, H, W] -> [B, ch, H, W]
@@ -189,14 +189,14 @@ class Decoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         chans = [cfg.ch * m for m in cfg.ch_mult]
-        self.conv_in = nn.Conv2d(cfg.z_channels, chans[-1], 3, padding=1)
+        self.conv_in = Conv2d(cfg.z_channels, chans[-1], 3, padding=1)
         self.mid = MidBlock(chans[-1], cfg.norm_groups)
         # `up[i]` is level i, run from the deepest level up; its input comes from level i + 1.
         self.up = nn.ModuleList(
             UpLevel((chans + [chans[-1]])[i + 1], c, cfg.num_res_blocks + 1, cfg.norm_groups, i != 0)
             for i, c in enumerate(chans))
         self.norm_out = nn.GroupNorm(cfg.norm_groups, chans[0], eps=_NORM_EPS)
-        self.conv_out = nn.Conv2d(chans[0], cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(chans[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, z):
         h = self.mid(self.conv_in(z))  # [B, z, h, w] -> [B, C, h, w]
@@ -233,14 +233,16 @@ class AutoencoderKL(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
+        self.quant_conv = Conv2d(2 * config.z_channels, 2 * config.embed_dim, 1)
+        self.post_quant_conv = Conv2d(config.embed_dim, config.z_channels, 1)
 
     def encode(self, x):
-        return DiagonalGaussian(self.quant_conv(self.encoder(x)))  # [B, Cin, H, W] -> [B, 2E, h, w]
+        moments = self.quant_conv(self.encoder(channels_last(x)))  # [B, Cin, H, W] -> [B, 2E, h, w]
+        return DiagonalGaussian(same_layout(moments, x))
 
     def decode(self, z):
-        return self.decoder(self.post_quant_conv(z))  # [B, E, h, w] -> [B, Cout, H, W]
+        image = self.decoder(self.post_quant_conv(channels_last(z)))  # [B, E, h, w] -> [B, Cout, H, W]
+        return same_layout(image, z)
 
 
 __all__ = ["VAEConfig", "AutoencoderKL", "DiagonalGaussian", "Encoder", "Decoder"]

@@ -21,11 +21,12 @@ import torch
 from sdfast.errors import SdfastError
 
 from . import custom as _custom
-from .reference import attention_ref, group_norm_ref, lora_merge_ref
+from .reference import attention_ref, conv2d_ref, group_norm_ref, lora_merge_ref
 from .registry import backends, forced_backend, register, use_backend
 
-__all__ = ["group_norm", "attention", "lora_merge_", "backends", "use_backend", "register",
-           "forced_backend", "group_norm_ref", "attention_ref", "lora_merge_ref", "SdfastError"]
+__all__ = ["group_norm", "attention", "lora_merge_", "conv2d", "backends", "use_backend",
+           "register", "forced_backend", "group_norm_ref", "attention_ref", "lora_merge_ref",
+           "conv2d_ref", "SdfastError"]
 
 
 def _backend_arg(backend):
@@ -131,3 +132,39 @@ def _lora_args(weight, up, down, scale):
             raise SdfastError(f"lora_merge_: up {tuple(u.shape)} @ down {tuple(d.shape)} does not "
                               f"give weight {tuple(weight.shape)}")
     return weight, ups, downs, [float(s) for s in scales]
+
+
+def _pair(v, name):
+    pair = (v, v) if isinstance(v, int) else tuple(v)
+    if len(pair) != 2 or not all(isinstance(n, int) and n >= 0 for n in pair):
+        raise SdfastError(f"conv2d: {name} must be an int or two ints >= 0, got {v!r}")
+    return [int(n) for n in pair]
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, add=None, backend=None):
+    """`F.conv2d(x, weight, bias, stride, padding)` plus `add` (a tensor of the output's shape,
+    e.g. a residual: fused into the conv's epilogue where the backend can). Groups and dilation
+    are 1. The output is channels-last when `x` is, as F.conv2d's. The cpu backend runs 3x3
+    stride-1 padding-1 convolutions by Winograd F(4x4, 3x3) (csrc/cpu/winograd.cpp)."""
+    stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
+    if stride[0] == 0 or stride[1] == 0:
+        raise SdfastError(f"conv2d: stride must be positive, got {stride}")
+    if x.dim() != 4 or weight.dim() != 4:
+        raise SdfastError(f"conv2d takes [B, C, H, W] input and [O, C, kh, kw] weight, got "
+                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    if weight.shape[1] != x.shape[1]:
+        raise SdfastError(f"conv2d: weight {tuple(weight.shape)} expects {weight.shape[1]} input "
+                          f"channels, x has {x.shape[1]}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise SdfastError(f"conv2d: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    out_hw = [(n + 2 * p - k) // s + 1 for n, p, k, s in zip(x.shape[2:], padding, weight.shape[2:], stride)]
+    if min(out_hw) < 1:
+        raise SdfastError(f"conv2d: a {tuple(weight.shape[2:])} kernel does not fit input "
+                          f"{tuple(x.shape[2:])} with padding {padding}")
+    if add is not None and tuple(add.shape) != (x.shape[0], weight.shape[0], *out_hw):
+        raise SdfastError(f"conv2d: add has shape {tuple(add.shape)}, expected the output's "
+                          f"{(x.shape[0], weight.shape[0], *out_hw)}")
+    args = (x, weight, bias, stride, padding, add, _backend_arg(backend))
+    if _custom.eager(x, weight, bias, add):
+        return _custom.run_conv2d(*args)
+    return torch.ops.sdfast.conv2d(*args)

@@ -4,15 +4,16 @@ node per op (with a fake implementation for tracing) instead of a Python registr
     torch.ops.sdfast.group_norm(x, num_groups, weight, bias, eps, silu, add, backend) -> Tensor
     torch.ops.sdfast.attention(q, k, v, backend) -> Tensor
     torch.ops.sdfast.lora_merge(weight, ups, downs, scales, backend) -> None   (mutates weight)
+    torch.ops.sdfast.conv2d(x, weight, bias, stride, padding, add, backend) -> Tensor
 
 `backend` is a name, or "" for the registry's choice; the choice (forcing included) is made
 when the op runs, on the real tensors. Output layouts are fixed here, whatever the backend
 returns: group_norm's output has x's layout (`empty_like`), attention's is [B, N, H, D] memory
-viewed as [B, H, N, D]. Gradients flow through the reference (recomputed in backward), so a
+viewed as [B, H, N, D], conv2d's is channels-last when x is (as F.conv2d's), else contiguous. Gradients flow through the reference (recomputed in backward), so a
 fused forward never changes what training computes.
 
-Each op's body is a plain function (`run_group_norm`, `run_attention`, `run_lora_merge`, and
-`run_lora_merge_layers` for several weights at once).
+Each op's body is a plain function (`run_group_norm`, `run_attention`, `run_lora_merge`,
+`run_lora_merge_layers` for several weights at once, and `run_conv2d`).
 `eager(*tensors)` says when calling it directly is indistinguishable from calling the op (no
 compiling or tracing, no dispatch mode or tensor subclass to see the op, no autograd to
 record): sdfast.ops then skips the dispatcher's ~20 us per call.
@@ -20,7 +21,7 @@ record): sdfast.ops then skips the dispatcher's ~20 us per call.
 import torch
 
 from . import registry
-from .reference import attention_ref, group_norm_ref
+from .reference import attention_ref, conv2d_ref, group_norm_ref
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -85,17 +86,22 @@ def _group_norm_setup(ctx, inputs, output):
     ctx.num_groups, ctx.eps, ctx.silu = num_groups, eps, silu
 
 
-def _group_norm_backward(ctx, grad):
-    x, weight, bias, add = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    leaves = [None if t is None else t.detach().requires_grad_(bool(n))
-              for t, n in ((x, needs[0]), (weight, needs[2]), (bias, needs[3]), (add, needs[6]))]
+def _reference_grads(ref, saved, needs, grad):
+    """The gradients `grad` gives the tensors `saved` through `ref(*saved)` (the reference,
+    recomputed), None for those that need none (`needs`) or are None."""
+    leaves = [None if t is None else t.detach().requires_grad_(bool(n)) for t, n in zip(saved, needs)]
     with torch.enable_grad():
-        out = group_norm_ref(leaves[0], ctx.num_groups, leaves[1], leaves[2], ctx.eps, ctx.silu,
-                             leaves[3])
+        out = ref(*leaves)
         wanted = [t for t in leaves if t is not None and t.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
-    gx, gw, gb, ga = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+    return [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+
+
+def _group_norm_backward(ctx, grad):
+    needs = ctx.needs_input_grad
+    gx, gw, gb, ga = _reference_grads(
+        lambda x, w, b, a: group_norm_ref(x, ctx.num_groups, w, b, ctx.eps, ctx.silu, a),
+        ctx.saved_tensors, (needs[0], needs[2], needs[3], needs[6]), grad)
     return gx, None, gw, gb, None, None, ga, None
 
 
@@ -133,12 +139,7 @@ def _attention_setup(ctx, inputs, output):
 
 
 def _attention_backward(ctx, grad):
-    leaves = [t.detach().requires_grad_(bool(n)) for t, n in zip(ctx.saved_tensors, ctx.needs_input_grad)]
-    with torch.enable_grad():
-        out = attention_ref(*leaves)
-        wanted = [t for t in leaves if t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
-    gq, gk, gv = [next(grads) if t.requires_grad else None for t in leaves]
+    gq, gk, gv = _reference_grads(attention_ref, ctx.saved_tensors, ctx.needs_input_grad[:3], grad)
     return gq, gk, gv, None
 
 
@@ -169,3 +170,57 @@ def lora_merge_op(weight: torch.Tensor, ups: list[torch.Tensor], downs: list[tor
 @lora_merge_op.register_fake
 def _(weight, ups, downs, scales, backend):
     return None
+
+
+# --- conv2d --------------------------------------------------------------------------------
+
+def _conv_format(x):
+    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def _conv_out(x, weight, stride, padding):
+    """An empty output of F.conv2d's shape, in x's memory format (as F.conv2d chooses it)."""
+    b, _, h, w = x.shape
+    kh, kw = weight.shape[-2:]
+    size = (b, weight.shape[0], (h + 2 * padding[0] - kh) // stride[0] + 1,
+            (w + 2 * padding[1] - kw) // stride[1] + 1)
+    return torch.empty(size, dtype=x.dtype, device=x.device, memory_format=_conv_format(x))
+
+
+def run_conv2d(x, weight, bias, stride, padding, add, backend):
+    args = (x, weight, bias, stride, padding, add)
+    _, fn = registry.select("conv2d", args, backend or None)
+    out = fn(*args)
+    if out.data_ptr() in (x.data_ptr(), 0 if add is None else add.data_ptr()):
+        out = out.clone()
+    fmt = _conv_format(x)
+    return out if out.is_contiguous(memory_format=fmt) else out.contiguous(memory_format=fmt)
+
+
+@torch.library.custom_op("sdfast::conv2d", mutates_args=())
+def conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
+              padding: list[int], add: torch.Tensor | None, backend: str) -> torch.Tensor:
+    return run_conv2d(x, weight, bias, stride, padding, add, backend)
+
+
+@conv2d_op.register_fake
+def _(x, weight, bias, stride, padding, add, backend):
+    return _conv_out(x, weight, stride, padding)
+
+
+def _conv2d_setup(ctx, inputs, output):
+    x, weight, bias, stride, padding, add, _ = inputs
+    ctx.save_for_backward(x, weight, bias, add)
+    ctx.stride, ctx.padding = stride, padding
+
+
+def _conv2d_backward(ctx, grad):
+    needs = ctx.needs_input_grad
+    gx, gw, gb, ga = _reference_grads(
+        lambda x, w, b, a: conv2d_ref(x, w, b, ctx.stride, ctx.padding, a),
+        ctx.saved_tensors, (needs[0], needs[1], needs[2], needs[5]), grad)
+    return gx, gw, gb, None, None, ga, None
+
+
+torch.library.register_autograd("sdfast::conv2d", _conv2d_backward, setup_context=_conv2d_setup)

@@ -37,4 +37,10 @@ def lora_merge_ref(weight, ups, downs, scales):
     return weight
 
 
-__all__ = ["group_norm_ref", "attention_ref", "lora_merge_ref"]
+def conv2d_ref(x, weight, bias, stride, padding, add=None):
+    """`F.conv2d(x, weight, bias, stride, padding)` (+ `add`, the output's shape)."""
+    y = F.conv2d(x, weight, bias, tuple(stride), tuple(padding))
+    return y if add is None else y + add
+
+
+__all__ = ["group_norm_ref", "attention_ref", "lora_merge_ref", "conv2d_ref"]

@@ -5,6 +5,7 @@ A backend implements an op as a plain function with the op's signature:
     group_norm(x, num_groups, weight, bias, eps, silu, add) -> Tensor
     attention(q, k, v) -> Tensor
     lora_merge_(weight, ups, downs, scales) -> weight          (lists; in place)
+    conv2d(x, weight, bias, stride, padding, add) -> Tensor    (F.conv2d(...) + add)
 
 registered with `@register(op, backend, constraints=[...])`. A constraint is called with the
 op's arguments and returns True, or a string saying why the backend cannot run them (False
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field
 
 from sdfast.errors import SdfastError
 
-OPS = ("group_norm", "attention", "lora_merge")
+OPS = ("group_norm", "attention", "lora_merge", "conv2d")
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 # The fastest first, per device type of the op's first tensor. Triton on CPU tensors runs its
 # interpreter (a test tool, not a speed-up), so it is chosen there only when forced.
@@ -56,7 +57,8 @@ _MODULES = {
     "cuda": "sdfast.ops.cuda_backend",
 }
 # The function each backend module defines for an op, and its optional batched form.
-_FUNCTION = {"group_norm": "group_norm", "attention": "attention", "lora_merge": "lora_merge_"}
+_FUNCTION = {"group_norm": "group_norm", "attention": "attention", "lora_merge": "lora_merge_",
+             "conv2d": "conv2d"}
 _MANY = {"lora_merge": "lora_merge_layers_"}
 
 
@@ -119,6 +121,7 @@ def _load(backend):
         register("group_norm", backend)(mod.group_norm_ref)
         register("attention", backend)(mod.attention_ref)
         register("lora_merge", backend)(mod.lora_merge_ref)
+        register("conv2d", backend)(mod.conv2d_ref)
         return
     for op in OPS:
         fn = getattr(mod, _FUNCTION[op], None)
