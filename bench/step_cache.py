@@ -43,9 +43,10 @@ def _attention_flops(q, k, v, backend, *args, out_shape=None, **kwargs):
 
 def shallow_fraction(unet_or_config, latent, depth):
     """FLOPs of the shallow branch / FLOPs of the whole UNet (batch 2, 77 tokens), on meta."""
-    from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+    from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
-    register_flop_formula(torch.ops.sdfast.attention)(_attention_flops)
+    if torch.ops.sdfast.attention not in flop_registry:
+        register_flop_formula(torch.ops.sdfast.attention)(_attention_flops)
     config = getattr(unet_or_config, "config", unet_or_config)
     with torch.device("meta"):
         unet = UNetModel(config).eval()
