@@ -7,8 +7,8 @@
 from .errors import CheckpointError, SdfastError
 
 __version__ = "0.1.0"
-__all__ = ["load", "load_controlnet", "Control", "Pipeline", "SdfastError", "CheckpointError",
-           "__version__"]
+__all__ = ["load", "load_controlnet", "accelerate", "Control", "Pipeline", "SdfastError",
+           "CheckpointError", "__version__"]
 
 
 def _default_device(device):
@@ -19,12 +19,16 @@ def _default_device(device):
     return torch.device(device)
 
 
-def load(path=None, device=None, dtype=None, prediction=None, backend="torch"):
+def load(path=None, device=None, dtype=None, prediction=None, backend="torch",
+         channels_last=False):
     """Load a Stable Diffusion 1.x / 2.x model into a ready `Pipeline`.
 
     `path`: an LDM single file (.safetensors; .ckpt/.pt read with weights_only=True) or a
-    diffusers folder; None loads sdfast's built-in model. `device` defaults to CUDA when present, else the CPU; `dtype` to float16
-    on CUDA and float32 on the CPU. `prediction` ("eps" or "v") overrides detection.
+    diffusers folder; None loads sdfast's built-in model. `device` defaults to CUDA when
+    present, else the CPU; `dtype` (a torch dtype or "fp32", "fp16", "bf16") to float16 on CUDA
+    and float32 on the CPU. `prediction` ("eps" or "v") overrides detection. `channels_last`
+    stores the UNet's and VAE's 4-D weights channels-last, so their convolutions run NHWC (the
+    faster layout for fp16/bf16 tensor cores).
 
     `backend="onnxruntime"` / `"tensorrt"` loads a folder written by `sdfast export onnx` /
     `sdfast export tensorrt` into the same Pipeline API (sdfast.export); the graphs' dtype is
@@ -32,7 +36,10 @@ def load(path=None, device=None, dtype=None, prediction=None, backend="torch"):
     """
     import torch
 
+    dtype = parse_dtype(dtype)
     if backend != "torch":
+        if channels_last:
+            raise SdfastError(f"channels_last applies to the torch backend, not {backend!r}")
         from .export.runtime import load_exported
 
         return load_exported(path, backend, device=device, dtype=dtype, prediction=prediction)
@@ -46,8 +53,26 @@ def load(path=None, device=None, dtype=None, prediction=None, backend="torch"):
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     parts = load_components(path, device=device, dtype=dtype, prediction=prediction)
+    if channels_last:
+        for module in (parts.unet, parts.vae):
+            module.to(memory_format=torch.channels_last)
     return Pipeline(parts.unet, parts.vae, parts.text_encoder, parts.info, device, dtype,
                     source=parts.source, metadata=parts.metadata)
+
+
+DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
+          "half": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
+
+
+def parse_dtype(dtype):
+    """None, a floating torch dtype, or one of `DTYPES`' names -> None or a torch dtype."""
+    import torch
+
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return getattr(torch, DTYPES[dtype.lower()])
+    raise SdfastError(f"unknown dtype {dtype!r}; valid: fp32, fp16, bf16 (or a torch float dtype)")
 
 
 def load_controlnet(path, device=None, dtype=None):
@@ -55,7 +80,16 @@ def load_controlnet(path, device=None, dtype=None):
     ControlNetModel folder/file) for `generate(control=[sdfast.Control(net, image)])`."""
     from .addons.controlnet import load_controlnet as _load
 
-    return _load(path, device=device, dtype=dtype)
+    return _load(path, device=device, dtype=parse_dtype(dtype))
+
+
+def accelerate(pipe, undo=False):
+    """Swap sdfast's fused ops into a diffusers pipeline or model, in place (only its instances
+    change; diffusers itself is not patched). Returns a handle with `.counts` and `.undo()`;
+    `undo=True` reverses an earlier call. See `sdfast.accelerate_diffusers`."""
+    from .accelerate_diffusers import accelerate as _accelerate
+
+    return _accelerate(pipe, undo=undo)
 
 
 def __getattr__(name):

@@ -81,11 +81,25 @@ def _add_generate(sub):
                    help="balanced, prompt or controlnet")
     p.add_argument("--preprocess", action="append", default=[],
                    help="turn the control image into a map first: canny or binary")
+    add_cache_options(p)
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"),
+                   help="weights and UNet dtype (default: fp16 on CUDA, fp32 on the CPU)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="run the UNet and VAE convolutions in NHWC layout")
     p.add_argument("-o", "--output", default="out.png", help="output PNG (numbered if taken)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_generate)
+
+
+def add_cache_options(p):
+    """--cache-interval / --cache-depth (step caching), shared by generate and eval shapes."""
+    p.add_argument("--cache-interval", type=_positive_int, default=1, metavar="N",
+                   help="step caching (DeepCache): the whole UNet every N-th step, only its "
+                   "shallow branch between (default 1: off)")
+    p.add_argument("--cache-depth", type=_positive_int, default=None, metavar="D",
+                   help="blocks of the shallow branch that cached steps run (default 2)")
 
 
 def _add_info(sub):
@@ -128,7 +142,9 @@ def _generate(args):
         jobs = my_prompts(read_prompts(args.prompts_file), args.output, args.batch,
                           args.overwrite)
         args.device = process_device(args.device)
-    pipe = load(args.model, device=args.device)
+    pipe = load(args.model, device=args.device, dtype=args.dtype,
+                channels_last=args.channels_last)
+    cache = pipe.step_cache(args.cache_interval, args.cache_depth)   # checked before any work
     for path, strength, strength_clip in loras:
         pipe.load_lora(path, strength, strength_clip)
     pipe.lora_dir = args.lora_dir
@@ -148,15 +164,16 @@ def _generate(args):
     args.width = args.width or pipe.native_size[0]
     args.height = args.height or pipe.native_size[1]
     if jobs is None:
-        _render(pipe, args, controls, args.prompt, args.seed,
+        _render(pipe, args, controls, cache, args.prompt, args.seed,
                 free_paths(args.output, args.batch, overwrite=args.overwrite))
     for index, prompt, paths in jobs or ():
-        _render(pipe, args, controls, prompt, args.seed + index, paths)
+        _render(pipe, args, controls, cache, prompt, args.seed + index, paths)
     return 0
 
 
-def _render(pipe, args, controls, prompt, seed, paths):
-    """Generate `prompt` with `seed` and the other options of `args`; save to `paths`."""
+def _render(pipe, args, controls, cache, prompt, seed, paths):
+    """Generate `prompt` with `seed` and the other options of `args`; save to `paths`.
+    `cache`: the StepCache settings in force (None: off), recorded in the PNG parameters."""
     from .io.png import a1111_parameters, save_png
 
     images = pipe.generate(
@@ -164,7 +181,8 @@ def _render(pipe, args, controls, prompt, seed, paths):
         cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, seed=seed,
         batch_size=args.batch, init_image=args.init_image, strength=args.strength,
         mask=args.mask, clip_skip=args.clip_skip, weighting=args.weighting,
-        progress=not args.quiet, control=controls or None)
+        progress=not args.quiet, control=controls or None, cache_interval=args.cache_interval,
+        cache_depth=args.cache_depth)
     name = os.path.splitext(os.path.basename(os.path.normpath(args.model)))[0]
     for index, (image, path) in enumerate(zip(images, paths)):
         params = a1111_parameters(
@@ -172,6 +190,8 @@ def _render(pipe, args, controls, prompt, seed, paths):
             scheduler=args.scheduler, cfg=args.cfg, seed=seed, width=args.width,
             height=args.height, model_hash=pipe.model_hash, model_name=name,
             clip_skip=args.clip_skip, strength=args.strength if args.init_image else None)
+        if cache is not None:
+            params += f", Cache interval: {cache.interval}, Cache depth: {cache.depth}"
         if len(images) > 1:
             params += f", Batch size: {len(images)}, Batch pos: {index}"
         save_png(image, path, params, overwrite=args.overwrite)

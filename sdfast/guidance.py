@@ -8,13 +8,15 @@ import torch
 class UNetCall:
     """Calls the UNet in its own dtype and returns float32. For 9-channel inpainting models,
     `concat` (`[B, 5, h, w]`: mask, masked-image latent) is appended to the input channels.
-    `controls` (`sdfast.addons.controlnet.ActiveControl`s) add ControlNet residuals."""
+    `controls` (`sdfast.addons.controlnet.ActiveControl`s) add ControlNet residuals.
+    `cache`: a `StepCache` that runs the UNet instead (step caching), or None."""
 
-    def __init__(self, unet, dtype, concat=None, controls=()):
+    def __init__(self, unet, dtype, concat=None, controls=(), cache=None):
         self.unet = unet
         self.dtype = dtype
         self.concat = concat
         self.controls = list(controls)
+        self.cache = cache
 
     def __call__(self, x, timesteps, context, cond_rows=None, **kwargs):
         x = x.to(self.dtype)
@@ -29,8 +31,39 @@ class UNetCall:
             x = torch.cat([x, self.concat.repeat(repeat, 1, 1, 1).to(x.dtype)], dim=1)
         if control is not None:
             kwargs["control"] = control
+        if self.cache is not None:
+            return self.cache(self.unet, x, timesteps, context, **kwargs).float()
         out = self.unet(x, timesteps, context=context, **kwargs)
         return out.float()
+
+
+class StepCache:
+    """Step caching as in DeepCache (Ma et al. (2023), "DeepCache: Accelerating Diffusion Models
+    for Free"): the UNet's deep features change slowly from step to step, so every
+    `interval`-th UNet call runs the whole UNet and keeps the feature entering
+    `output_blocks[-depth]`, and the calls between run only the shallow branch
+    (`input_blocks[:depth]`, `output_blocks[-depth:]`) on the kept feature
+    (`UNetModel.forward_with_cache`). Calls are counted, not sampler steps: second-order
+    samplers (heun, dpm_2, ...) call the model twice per step. One StepCache serves one
+    sampling run; `full` and `shallow` count the calls of each kind."""
+
+    def __init__(self, interval, depth):
+        self.interval = interval
+        self.depth = depth
+        self.full = 0
+        self.shallow = 0
+        self._deep = None
+
+    def __call__(self, unet, x, timesteps, context, **kwargs):
+        if (self.full + self.shallow) % self.interval == 0:
+            out, self._deep = unet.forward_with_cache(x, timesteps, context, depth=self.depth,
+                                                      **kwargs)
+            self.full += 1
+        else:
+            out, _ = unet.forward_with_cache(x, timesteps, context, depth=self.depth,
+                                             deep=self._deep, **kwargs)
+            self.shallow += 1
+        return out
 
 
 class CFGDenoiser:

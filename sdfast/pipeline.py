@@ -15,6 +15,9 @@ from .images import prepare_image, prepare_mask, to_output
 
 OUTPUTS = ("pil", "latent", "tensor")
 VAE_SCALE = 0.18215     # SD1.x / SD2.x latent scale factor
+# Step caching's shallow branch: conv_in and the first res block (+ transformer) of the top
+# level, and their two output blocks (see bench/step_cache.py for the measurements behind it).
+DEFAULT_CACHE_DEPTH = 2
 
 
 class Pipeline:
@@ -43,6 +46,8 @@ class Pipeline:
         # while the UNet samples, the UNet while the VAE decodes. They map in again from the
         # page cache when next used (about a second for all of SD1.5's weights).
         self.release_weights = True
+        self._lora_in_place = False
+        self._graphed = None            # sdfast.cuda_graphs.GraphedUNet once enabled
 
     # ----------------------------------------------------------------------------- facts
     @property
@@ -159,8 +164,45 @@ class Pipeline:
     def _stack(self):
         if self._lora_stack is None:
             from .addons.lora import LoraStack
-            self._lora_stack = LoraStack({"unet": self.unet, "text_encoder": self.text_encoder})
+            self._lora_stack = LoraStack({"unet": self.unet, "text_encoder": self.text_encoder},
+                                         in_place=self._lora_in_place)
         return self._lora_stack
+
+    @property
+    def lora_in_place(self):
+        """Whether LoRA merging rewrites weights in their own storage (every parameter keeps
+        its address; `enable_cuda_graphs` turns it on) instead of swapping in copies (the
+        default: an fp32 CPU load's mmap then serves as the untouched original)."""
+        return self._lora_in_place
+
+    @lora_in_place.setter
+    def lora_in_place(self, value):
+        self._lora_in_place = bool(value)
+        if self._lora_stack is not None:
+            self._lora_stack.in_place = self._lora_in_place
+
+    # ----------------------------------------------------------------------------- speed
+    def enable_cuda_graphs(self):
+        """Run the UNet through CUDA graphs, one captured per input signature (size, batch,
+        prompt chunks, step-cache branch: `sdfast.cuda_graphs`). Turns `lora_in_place` on so
+        that LoRA loads, strength changes and unloads reach the captured graphs exactly."""
+        from .cuda_graphs import GraphedUNet
+
+        if self.device.type != "cuda":
+            raise SdfastError(f"CUDA graphs need a CUDA device; this pipeline is on {self.device}")
+        self.lora_in_place = True
+        if self._graphed is None:
+            self._graphed = GraphedUNet(self.unet)
+
+    def disable_cuda_graphs(self):
+        """Back to eager UNet calls (the captured graphs are freed)."""
+        self._graphed = None
+
+    def compile(self, backend="inductor", fullgraph=True, mode=None, dynamic=False):
+        """`torch.compile` the UNet in place (`nn.Module.compile`); sdfast's fused ops are
+        torch.library custom ops, so the whole UNet traces as one graph (`fullgraph=True`)."""
+        self.unet.compile(backend=backend, fullgraph=fullgraph, mode=mode, dynamic=dynamic)
+        return self
 
     def _read_lora(self, path, strict):
         import os
@@ -302,7 +344,8 @@ class Pipeline:
     def generate(self, prompt, negative_prompt="", *, width=None, height=None, steps=20, cfg=7.0,
                  sampler="euler", scheduler="normal", seed=0, batch_size=1, init_image=None,
                  strength=0.75, mask=None, clip_skip=1, weighting="a1111", noise=None,
-                 output="pil", progress=True, lora_dir=None, control=None):
+                 output="pil", progress=True, lora_dir=None, control=None, cache_interval=1,
+                 cache_depth=None):
         """Generate images. Returns a list of PIL images (`output="pil"`), the final latents
         before the VAE scale is undone (`"latent"`), or `[B, 3, H, W]` in 0..1 (`"tensor"`).
 
@@ -316,20 +359,26 @@ class Pipeline:
 
         `<lora:name:strength>` tags (A1111 syntax, see `sdfast.addons.tags`) load `name` from
         `lora_dir` (default `self.lora_dir`) for this call only; they are removed from the text.
+
+        `cache_interval` N > 1 turns on step caching (DeepCache, `sdfast.guidance.StepCache`):
+        every N-th UNet call runs the whole UNet, the calls between only its shallow branch of
+        `cache_depth` blocks (default `DEFAULT_CACHE_DEPTH`, at most the number of input blocks).
+        Faster, and an approximation; 1 (the default) is off and changes nothing.
         """
+        cache = self.step_cache(cache_interval, cache_depth)
         prompt, tags = self._prompt_loras(prompt)
         names = self._apply_tags(tags, lora_dir) if tags else []
         try:
             return self._generate(prompt, negative_prompt, width, height, steps, cfg, sampler,
                                   scheduler, seed, batch_size, init_image, strength, mask,
-                                  clip_skip, weighting, noise, output, progress, control)
+                                  clip_skip, weighting, noise, output, progress, control, cache)
         finally:
             if names:
                 self._unapply_tags(names)
 
     def _generate(self, prompt, negative_prompt, width, height, steps, cfg, sampler, scheduler,
                   seed, batch_size, init_image, strength, mask, clip_skip, weighting, noise,
-                  output, progress, control=None):
+                  output, progress, control=None, cache=None):
         if init_image is None:
             strength = 1.0
         width = self.native_size[0] if width is None else width
@@ -353,8 +402,9 @@ class Pipeline:
         concat = None
         if self._info.inpaint:
             concat = self._inpaint_channels(init_image, pixel_mask, shape)
+        unet = self.unet if self._graphed is None else self._graphed
         denoiser = CFGDenoiser(
-            sampling.make_denoiser(UNetCall(self.unet, self.dtype, concat, controls),
+            sampling.make_denoiser(UNetCall(unet, self.dtype, concat, controls, cache),
                                    self.model_sampling),
             cond.to(self.device).float().expand(batch_size, -1, -1),
             uncond.to(self.device).float().expand(batch_size, -1, -1), float(cfg))
@@ -383,6 +433,26 @@ class Pipeline:
 
             # Only torch modules hold file-mapped weights; the export backends' stages do not.
             release_pages(*(m for m in modules if isinstance(m, torch.nn.Module)))
+
+    def step_cache(self, interval, depth=None):
+        """The `StepCache` that `generate(cache_interval=, cache_depth=)` uses, None when off;
+        raises SdfastError for values this model cannot take (checked before any work)."""
+        from .guidance import StepCache
+
+        check_cache_interval(interval)
+        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int)):
+            raise SdfastError(f"cache_depth must be an integer, got {depth!r}")
+        if not hasattr(self.unet, "forward_with_cache"):
+            if interval == 1 and depth is None:
+                return None
+            raise SdfastError("step caching (cache_interval, cache_depth) needs the torch "
+                              "backend's UNet")
+        blocks = len(self.unet.input_blocks)
+        depth = min(DEFAULT_CACHE_DEPTH, blocks) if depth is None else depth
+        if not 1 <= depth <= blocks:
+            raise SdfastError(f"cache_depth must be in 1..{blocks} (this UNet's input blocks), "
+                              f"got {depth}")
+        return None if interval == 1 else StepCache(interval, depth)
 
     def _inpaint_channels(self, init_image, pixel_mask, shape):
         """The 5 extra input channels of a 9-channel inpainting model: the latent-size mask and
@@ -423,6 +493,11 @@ def _batch_size(prompt, seed, batch_size):
     if len(sizes) > 1:
         raise SdfastError(f"batch size, prompt list and seed list disagree: {sorted(sizes)}")
     return sizes.pop() if sizes else 1
+
+
+def check_cache_interval(interval):
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise SdfastError(f"cache_interval must be an integer >= 1 (1 = off), got {interval!r}")
 
 
 def _strengths(strength, strength_clip):

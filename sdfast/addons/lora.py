@@ -15,9 +15,12 @@ is the file's read-only mmap, so it costs no memory) and the parameter gets a wr
 every change (load, strength, unload) recomputes each affected weight as `original + sum of
 active LoRAs` from the original, in load order, low-rank factors merged in one
 `sdfast.ops.lora_merge_` pass. When no LoRA touches a weight any more the original tensor
-itself goes back. Hence unloading restores the original bit for bit, and A, then B, then A
-again gives exactly A's weights again, in fp32 and fp16 alike. Keeping the original rather
-than subtracting the delta is the only way to exactness: `w + d - d != w` in floating point.
+itself goes back. With `in_place=True` (what CUDA graphs need: `Pipeline.lora_in_place`) it is
+the other way round: the original is copied aside and the parameter is rewritten in its own
+storage, so every weight keeps its address. Either way unloading restores the original bit
+for bit, and A, then B, then A again gives exactly A's weights again, in fp32 and fp16 alike.
+Keeping the original rather than subtracting the delta is the only way to exactness:
+`w + d - d != w` in floating point.
 """
 import os
 import re
@@ -294,11 +297,14 @@ class Loaded:
 class LoraStack:
     """The LoRAs merged into one pipeline's weights (see the module docstring)."""
 
-    def __init__(self, components):
+    def __init__(self, components, in_place=False):
         self._components = components          # {"unet": module, "text_encoder": module}
         self._params = {c: dict(m.named_parameters()) for c, m in components.items()}
         self._originals = {}                   # (component, param) -> original tensor copy
         self.loaded = OrderedDict()            # name -> Loaded
+        # In place: every parameter keeps its storage (a copy of the original is set aside
+        # instead, and copied back on unload), so CUDA graphs captured before a swap see it.
+        self.in_place = in_place
 
     def _weight(self, key):
         return self._params[key[0]][key[1]]
@@ -340,11 +346,18 @@ class LoraStack:
             param = self._weight(key)
             if key not in active:                 # nothing applies any more: the original back
                 if key in self._originals:
-                    param.data = self._originals.pop(key)
+                    original = self._originals.pop(key)
+                    if self.in_place:
+                        param.data.copy_(original)
+                    else:
+                        param.data = original
                 continue
             if key not in self._originals:        # first touch: keep the original untouched
-                self._originals[key] = param.data
-                param.data = param.data.clone()   # (the loader's mmap is read-only anyway)
+                if self.in_place:
+                    self._originals[key] = param.data.clone()
+                else:                             # (the loader's mmap stays as it is)
+                    self._originals[key] = param.data
+                    param.data = param.data.clone()
             weight = param.data
             weight.copy_(self._originals[key])
             for rows, entries in _by_rows(active[key]).items():

@@ -22,7 +22,7 @@ def register(subparsers):
 
 
 def _add_shapes(sub):
-    from ..cli import _positive_int
+    from ..cli import _positive_int, add_cache_options
 
     p = sub.add_parser("shapes", help="prompt-following accuracy on the shapes dataset "
                                       "(held-out combinations by default)")
@@ -40,6 +40,7 @@ def _add_shapes(sub):
     p.add_argument("--split", choices=SPLITS, default="heldout")
     p.add_argument("--variety", action="store_true",
                    help="varied captions (may omit size, position or background)")
+    add_cache_options(p)
     p.add_argument("--json", metavar="OUT.json", help="also write the full result as JSON")
     p.add_argument("--save-images", metavar="DIR", help="also save the images as PNGs")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -86,7 +87,8 @@ def _shapes(args):
     result = evaluate(pipe, n=args.n, seed=args.seed, steps=args.steps, cfg=args.cfg,
                       sampler=args.sampler, scheduler=args.scheduler, batch_size=args.batch,
                       split=args.split, variety=args.variety, progress=not args.quiet,
-                      save_images=args.save_images, overwrite=args.overwrite)
+                      save_images=args.save_images, overwrite=args.overwrite,
+                      cache_interval=args.cache_interval, cache_depth=args.cache_depth)
     print(format_table(result))
     if args.json:
         print(f"wrote {write_json(result, args.json, overwrite=args.overwrite)}")

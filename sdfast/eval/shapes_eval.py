@@ -95,8 +95,11 @@ def check_settings(n=200, seed=0, steps=20, cfg=5.0, sampler="euler", scheduler=
 
 def evaluate(pipe, n=200, seed=0, steps=20, cfg=5.0, sampler="euler", scheduler="normal",
              batch_size=16, split="heldout", variety=False, progress=False, save_images=None,
-             overwrite=False) -> dict:
+             overwrite=False, cache_interval=1, cache_depth=None) -> dict:
     """Generate one image per selected prompt with `pipe`, analyse it, score it.
+
+    `cache_interval` / `cache_depth`: step caching, passed to `pipe.generate` (only when
+    caching is on, so any object with a `generate` method still works without it).
 
     `save_images`: a folder to also write the images to (`00000.png`, ... with A1111
     parameters); existing files there are refused before any work unless `overwrite`.
@@ -106,12 +109,14 @@ def evaluate(pipe, n=200, seed=0, steps=20, cfg=5.0, sampler="euler", scheduler=
     or None when the prompt leaves it out) and `ok` (right on everything named).
     """
     gen = check_settings(n, seed, steps, cfg, sampler, scheduler, batch_size, split)
+    cache = _cache_settings(pipe, cache_interval, cache_depth)
     prompts = select_prompts(n, seed, split, variety)
     paths = _image_paths(save_images, n, overwrite)
     settings = dict(sdfast=__version__, model=_source(pipe), split=split, variety=bool(variety), seed=seed,
-                    batch_size=batch_size, **gen)
+                    batch_size=batch_size, **gen, cache_interval=cache_interval,
+                    cache_depth=cache.get("cache_depth"))
     texts = [text for text, _, _ in prompts]
-    images = _generate_all(pipe, texts, seed, gen, batch_size, progress)
+    images = _generate_all(pipe, texts, seed, dict(gen, **cache), batch_size, progress)
     rows = []
     for index, ((text, spec, expected), image) in enumerate(zip(prompts, images)):
         if paths:
@@ -148,6 +153,20 @@ class RoundTrip:
             y = self.vae.decode(self.vae.encode(x.to(param) / 127.5 - 1).mean)
         pixels = ((y[0].float().clamp(-1, 1) + 1) * 127.5).round().byte()
         return [Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())]    # [H, W, 3] uint8
+
+
+def _cache_settings(pipe, interval, depth):
+    """The step-caching arguments for `pipe.generate`: {} when off, else the interval and the
+    depth in force (checked by the pipeline when it has `step_cache`)."""
+    from ..pipeline import check_cache_interval
+
+    check_cache_interval(interval)
+    if interval == 1 and depth is None:
+        return {}
+    if hasattr(pipe, "step_cache"):
+        cache = pipe.step_cache(interval, depth)
+        depth = None if cache is None else cache.depth
+    return {"cache_interval": interval, "cache_depth": depth}
 
 
 def _source(pipe):

@@ -351,31 +351,58 @@ class UNetModel(nn.Module):
     def forward(self, x, timesteps, context, control=None):
         """`control`: optional ControlNet residuals, one per input block (added to the skip
         connections in input-block order) and a last one added to the middle block's output."""
+        return self._run(x, timesteps, context, control)[0]
+
+    def forward_with_cache(self, x, timesteps, context, control=None, depth=1, deep=None):
+        """The UNet split for step caching (DeepCache, Ma et al. 2023): returns `(out, deep)`.
+
+        Without `deep` it runs the whole UNet and also returns the deep feature: the tensor
+        entering `output_blocks[-depth]` (before its skip is concatenated). With `deep` it runs
+        only the shallow branch, `input_blocks[:depth]` and `output_blocks[-depth:]`, on that
+        feature (time embedding and `out` included); `control` then adds its residuals to the
+        skips that branch computes (the deep ones are part of `deep`). With the inputs that
+        made `deep`, the shallow branch returns exactly the whole UNet's output.
+        """
+        if not 1 <= depth <= len(self.input_blocks):
+            raise ValueError(f"depth must be in 1..{len(self.input_blocks)}, got {depth}")
+        return self._run(x, timesteps, context, control, depth, deep)
+
+    def _run(self, x, timesteps, context, control, depth=None, deep=None):
         if timesteps.dim() == 0:
             timesteps = timesteps.expand(x.shape[0])
         t_emb = timestep_embedding(timesteps, self.config.model_channels)
         emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))  # [B, mc] -> [B, 4*mc]
+        n_in = len(self.input_blocks) if deep is None else depth
         hs = []
         h = channels_last(x)
-        for block in self.input_blocks:
+        for block in self.input_blocks[:n_in]:
             h = block(h, emb, context)
             hs.append(h)
-        h = self.middle_block(h, emb, context)
+        if deep is None:
+            h = self.middle_block(h, emb, context)
         if control is not None:
-            hs, h = _add_control(hs, h, control)
-        for block in self.output_blocks:
+            hs, h = _add_control(hs, h, control, len(self.input_blocks), shallow=deep is not None)
+        blocks = self.output_blocks
+        if deep is not None:
+            h, blocks = deep, blocks[len(blocks) - depth:]
+        kept = None
+        for index, block in enumerate(blocks, start=len(self.output_blocks) - len(blocks)):
+            if depth is not None and index == len(self.output_blocks) - depth:
+                kept = h
             h = torch.cat([h, hs.pop()], dim=1)  # [B, C, h, w] -> [B, C + Cskip, h, w]
             h = block(h, emb, context, size=hs[-1].shape[-2:] if hs else None)
         out = self.out[2](norm(self.out[0], h, silu=True))  # [B, mc, h, w] -> [B, Cout, h, w]
-        return same_layout(out, x)
+        return same_layout(out, x), kept
 
 
-def _add_control(hs, h, control):
-    """LDM ControlNet: `control[i]` joins skip `i`, `control[-1]` the middle block output."""
-    if len(control) != len(hs) + 1:
-        raise ValueError(f"control needs {len(hs) + 1} residuals ({len(hs)} input blocks and the "
+def _add_control(hs, h, control, n_in, shallow=False):
+    """LDM ControlNet: `control[i]` joins skip `i`, `control[-1]` the middle block output.
+    `shallow`: only the skips in `hs` (the first ones) get theirs; `h` is left alone."""
+    if len(control) != n_in + 1:
+        raise ValueError(f"control needs {n_in + 1} residuals ({n_in} input blocks and the "
                          f"middle block), got {len(control)}")
-    return [skip + c for skip, c in zip(hs, control)], h + control[-1]
+    hs = [skip + c for skip, c in zip(hs, control)]
+    return hs, h if shallow else h + control[-1]
 
 
 __all__ = ["UNetConfig", "UNetModel", "timestep_embedding", "ResBlock", "Downsample",

@@ -1,0 +1,81 @@
+"""Shared pieces of the bench/ scripts: interleaved timing and the recorded result.
+
+Timing is interleaved (A, B, C, A, B, C, ...) after one warm-up call of each, and reported as
+medians with the min and max: on a machine shared with other jobs, a slow period then hits
+every variant alike instead of one of them.
+"""
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def interleaved(fns, repeats, sync=None):
+    """`{name: {"median_s", "min_s", "max_s", "runs"}}` for `fns` ({name: callable}), each
+    called once as warm-up and then `repeats` times in rotation. `sync` (e.g.
+    torch.cuda.synchronize) runs before each clock read."""
+    sync = sync or (lambda: None)
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "runs": len(t)}
+            for name, t in times.items()}
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def machine():
+    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "loadavg": os.getloadavg()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def write_result(out, script, argv, body):
+    """Write `body` with the command, machine, versions and date to `out` (JSON)."""
+    import sdfast
+
+    result = {"command": f"python bench/{script} " + " ".join(argv),
+              "machine": machine(),
+              "versions": {"torch": torch.__version__, "sdfast": sdfast.__version__,
+                           "commit": _git_commit()},
+              "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), **body}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(out)
+    return result
