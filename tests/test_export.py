@@ -104,7 +104,10 @@ def test_generate_matches_torch_backend(builtin):
     lat_o = po.generate([PROMPT, LONG], output="latent", **kw)
     assert relative_error(lat_o, lat_t) < FP32_REL
     img_t, img_o = pt.decode_latents(lat_t), po.decode_latents(lat_o)
-    assert (img_o - img_t).abs().max().item() < 1e-4                # images in 0..1
+    # images in 0..1; the torch runtime's 3x3 convolutions run Winograd on the cpu (rms error up
+    # to WINOGRAD_ERROR_FACTOR x the direct convolution's, tests/test_conv.py), the graph's are
+    # direct: measured 1.2e-4 after 4 steps and the decoder, 1e-4 without Winograd
+    assert (img_o - img_t).abs().max().item() < 5e-4
     pil = po.generate(PROMPT, steps=2, seed=1, progress=False)
     assert pil[0].size == tuple(pt.native_size)
 

@@ -210,7 +210,9 @@ def test_prompt_lists_with_per_image_seeds_match_single_images(pipe):
     for i, (prompt, seed) in enumerate(zip(prompts, [4, 9])):
         one = pipe.generate(prompt, seed=seed, width=64, height=64, steps=3, output="latent",
                             progress=False)
-        # batch vs single matmuls may round differently (MKL): fp32 round-off over 3 steps
-        assert (batch[i:i + 1] - one).abs().max() <= 1e-5 * one.abs().max()
+        # batch vs single may round differently: MKL picks GEMM blockings by size, and the cpu
+        # conv backend picks Winograd or a GEMM per shape: fp32 round-off (about 1e-6 relative
+        # per call) grown over 3 steps; a wrong seed or prompt differs by order 1
+        assert (batch[i:i + 1] - one).abs().max() <= 1e-4 * one.abs().max()
     with pytest.raises(SdfastError, match="disagree"):
         pipe.generate(prompts, seed=[1, 2, 3], width=64, height=64, steps=1, progress=False)

@@ -164,6 +164,10 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, add=None, backend=None):
     if add is not None and tuple(add.shape) != (x.shape[0], weight.shape[0], *out_hw):
         raise SdfastError(f"conv2d: add has shape {tuple(add.shape)}, expected the output's "
                           f"{(x.shape[0], weight.shape[0], *out_hw)}")
+    if _exporting() or torch.is_autocast_enabled(x.device.type):
+        # ONNX graphs hold the plain convolution; under autocast (mixed-precision training)
+        # torch's convolution casts its inputs to the autocast dtype, a custom op would not.
+        return conv2d_ref(x, weight, bias, stride, padding, add)
     args = (x, weight, bias, stride, padding, add, _backend_arg(backend))
     if _custom.eager(x, weight, bias, add):
         return _custom.run_conv2d(*args)
