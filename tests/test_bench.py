@@ -203,6 +203,20 @@ def test_load_and_memory_suites_run_in_fresh_processes(capsys, work_dir, tmp_pat
         memory["runs"]["sdfast"]["median"] / memory["runs"]["torch-reference"]["median"])
 
 
+def test_a_child_reports_its_own_peak_memory_not_its_parents():
+    """ru_maxrss survives fork and exec on Linux: a child of a bench process holding models
+    would report at least the parent's peak. The child's figure is its own address space's."""
+    import subprocess
+    import sys
+
+    held = bytearray(512 * 2 ** 20)
+    held[::4096] = b"\x01" * len(held[::4096])                      # touch every page
+    code = "from sdfast.bench.child import _peak_rss_mib; print(_peak_rss_mib())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert 1 < float(proc.stdout) < 256                      # a bare interpreter, not the 512 MiB
+    del held
+
+
 @pytest.mark.parametrize("args,message", [
     (["--suite", "nope"], "--suite: unknown 'nope'"),
     (["--suite", ","], "--suite: name at least one suite"),

@@ -505,7 +505,8 @@ def suite_memory(bench):
     row = bench.row("memory", f"peak resident memory: load + one {req.width}x{req.height} "
                               f"generate ({req.steps} steps, batch {req.batch}), fresh process",
                     unit="MiB", kind="memory")
-    row.notes.append("ru_maxrss of the process (mapped weight pages count once touched)")
+    row.notes.append("peak resident memory of the process, VmHWM (mapped weight pages count once "
+                     "touched)")
     return _child_rows(bench, "memory", {"peak_rss_mib": row}, warmup=0)
 
 
