@@ -83,11 +83,13 @@ def test_kernels_suite_times_sdfast_ops_against_torch(capsys, work_dir, tmp_path
 
     projections = kernels.sd15_attention_projections()[:8]          # a small LoRA: a fast test
     monkeypatch.setattr(kernels, "sd15_attention_projections", lambda: projections)
-    out_json = tmp_path / "run.json"
+    out_json, out_png = tmp_path / "run.json", tmp_path / "run.png"
     rc, out, err = _bench(capsys, work_dir, "--suite", "kernels", "--resolution", "64",
                           "--repeats", "1", "--warmup", "0", "--compare", "diffusers",
-                          "--json", str(out_json))
+                          "--json", str(out_json), "--plot", str(out_png))
     assert rc == 0, err
+    with Image.open(out_png) as image:                    # a panel per row, microseconds or not
+        assert image.format == "PNG" and image.height > 20 * 40
     # torch is the kernels' baseline even when --compare does not name torch-reference
     assert "| suite | measurement | sdfast | diffusers | torch-reference | goal |" in out
     assert "| kernels | attention (cross) B=2 H=8 N=64 M=77 D=40 |" in out
