@@ -116,7 +116,8 @@ def test_kernels_suite_times_sdfast_ops_against_torch(capsys, work_dir, tmp_path
             work = row["work"]
             assert rate["value"] == pytest.approx(work["amount"] / runs[name] / work["scale"])
             if row["name"].startswith(("attention", "conv2d")):   # FLOPs: read against the GEMM
-                assert rate["share_of_roofline"] == pytest.approx(rate["value"] * work["scale"] / 1e9 / roofline)
+                gflops = rate["value"] * work["scale"] / 1e9
+                assert rate["share_of_roofline"] == pytest.approx(gflops / roofline)
             else:
                 assert rate["unit"] == "GB/s" and "share_of_roofline" not in rate
         # the same op on the same inputs: fp32 rounding apart (Winograd's transforms, other
