@@ -10,17 +10,11 @@ shared CPU) hits them alike; a speed-up is the median over rounds of the per-rou
 time the median per call. `--threads 1 --clock process` times CPU time instead of wall time:
 one core's efficiency, blind to the time a busy machine takes the core away.
 
-- group_norm (+SiLU, + the ResBlock's time-embedding add where marked): baseline torch's
-  `F.group_norm` followed by `F.silu` (and the `+` before it). Traffic counted as one read of x
-  and one write of the output (what a fused kernel must move): GB/s = 2 * numel * itemsize / t.
-- attention: baseline `F.scaled_dot_product_attention` on the same q, k, v: views of
-  [B, N, heads * D] as the models make them. FLOPs = 4 * B * H * N * M * D (QK^T and PV, a
-  multiply-add counted as 2), TFLOP/s = FLOPs / t.
-- lora_merge: a rank-32 LoRA merged into every attention projection of the SD1.5 UNet (to_q,
-  to_k, to_v, to_out.0 of its 16 transformer blocks); baseline a per-layer
-  `weight.addmm_(up, down, alpha=scale)` loop; each backend once with the whole list of weights
-  (`lora_merge_(weights, ups, downs, scales)`) and once per layer; beside them, as the floor
-  any in-place merge has, `w.mul_(1)` on every weight. GB/s = (read + write of every weight) / t.
+The cases, their baselines and their GB/s or TFLOP/s formulas are `sdfast.bench.kernels`
+(shared with `sdfast bench --suite kernels`, which times the dispatched op only, adds conv2d and
+the GEMM roofline). Here: group_norm (+SiLU, and + the time-embedding add), attention (cross
+and self), and lora_merge with every backend once with the whole list of weights and once per
+layer, beside the floor any in-place merge has, `w.mul_(1)` on every weight.
 
 The summary prints each backend's speed-up over the baseline and writes everything, with the
 machine (its load average before and after, the CPU kernels' instruction set) and the torch
