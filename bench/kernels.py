@@ -10,17 +10,11 @@ shared CPU) hits them alike; a speed-up is the median over rounds of the per-rou
 time the median per call. `--threads 1 --clock process` times CPU time instead of wall time:
 one core's efficiency, blind to the time a busy machine takes the core away.
 
-- group_norm (+SiLU, + the ResBlock's time-embedding add where marked): baseline torch's
-  `F.group_norm` followed by `F.silu` (and the `+` before it). Traffic counted as one read of x
-  and one write of the output (what a fused kernel must move): GB/s = 2 * numel * itemsize / t.
-- attention: baseline `F.scaled_dot_product_attention` on the same q, k, v: views of
-  [B, N, heads * D] as the models make them. FLOPs = 4 * B * H * N * M * D (QK^T and PV, a
-  multiply-add counted as 2), TFLOP/s = FLOPs / t.
-- lora_merge: a rank-32 LoRA merged into every attention projection of the SD1.5 UNet (to_q,
-  to_k, to_v, to_out.0 of its 16 transformer blocks); baseline a per-layer
-  `weight.addmm_(up, down, alpha=scale)` loop; each backend once with the whole list of weights
-  (`lora_merge_(weights, ups, downs, scales)`) and once per layer; beside them, as the floor
-  any in-place merge has, `w.mul_(1)` on every weight. GB/s = (read + write of every weight) / t.
+The cases, their baselines and their GB/s or TFLOP/s formulas are `sdfast.bench.kernels`
+(shared with `sdfast bench --suite kernels`, which times the dispatched op only, adds conv2d and
+the GEMM roofline). Here: group_norm (+SiLU, and + the time-embedding add), attention (cross
+and self), and lora_merge with every backend once with the whole list of weights and once per
+layer, beside the floor any in-place merge has, `w.mul_(1)` on every weight.
 
 The summary prints each backend's speed-up over the baseline and writes everything, with the
 machine (its load average before and after, the CPU kernels' instruction set) and the torch
@@ -30,61 +24,24 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from sdfast import ops  # noqa: E402
+from sdfast.bench import kernels as K  # noqa: E402
 
-# SD1.5 UNet at 512x512 (64x64 latents), batch 2 (CFG): (channels, height, width) of ResBlocks.
-GN_SHAPES = [(320, 64, 64), (640, 32, 32), (1280, 16, 16), (1280, 8, 8)]
-# Attention at the same sizes: (query length, heads, head dim); SD1.5 has 8 heads, head dim
-# C / 8. Cross-attention keys: 77 tokens (one chunk); self-attention keys = queries.
-ATTN_SHAPES = [(4096, 8, 40), (1024, 8, 80), (256, 8, 160)]
-
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
+# SD1.5 UNet at 512x512 (64x64 latents), batch 2 (CFG).
+GN_SHAPES = K.sd15_levels(64)
+ATTN_SHAPES = K.attention_shapes(64)
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 _clock = CLOCKS["wall"]
-
-
-def interleaved(fns, device, rounds, min_time=0.05):
-    """{name: (median seconds per call, median per-round speed-up over the first fn)} for the
-    callables in `fns` (the first is the baseline), timed in `rounds` rounds of `inner` calls
-    each (at least `min_time` seconds for the baseline), in a rotated order every round."""
-    names = list(fns)
-    for name in names:  # warm-up (and first-touch of outputs)
-        fns[name]()
-        fns[name]()
-    _sync(device)
-    start = _clock()
-    fns[names[0]]()
-    _sync(device)
-    inner = max(1, int(min_time / max(_clock() - start, 1e-6)))
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            _sync(device)
-            start = _clock()
-            for _ in range(inner):
-                fns[name]()
-            _sync(device)
-            times[name].append((_clock() - start) / inner)
-    base = times[names[0]]
-    return {name: (statistics.median(t), statistics.median(b / x for b, x in zip(base, t)))
-            for name, t in times.items()}
 
 
 def _row(measured, base_name, unit, amount):
@@ -108,104 +65,39 @@ def _backends(op, device):
     return ["reference", *names]
 
 
-def bench_group_norm(device, dtype, rounds, quick):
+def _rows(cases, op, device, rounds):
+    """One result row per case: the baseline, every backend of `op` here, the case's extras."""
     rows = []
-    shapes = GN_SHAPES[:2] if quick else GN_SHAPES
-    for c, h, w in shapes:
-        for layout in ("nchw", "nhwc"):
-            for add in (False, True):
-                x = torch.randn(2, c, h, w, device=device, dtype=dtype)
-                if layout == "nhwc":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                weight = torch.randn(c, device=device, dtype=dtype)
-                bias = torch.randn(c, device=device, dtype=dtype)
-                emb = torch.randn(2, c, device=device, dtype=dtype) if add else None
-
-                def baseline():
-                    y = x + emb[:, :, None, None] if add else x
-                    return F.silu(F.group_norm(y, 32, weight, bias, 1e-5))
-
-                fns = {"baseline": baseline}
-                for name in _backends("group_norm", device):
-                    fns[name] = (lambda name: lambda: ops.group_norm(  # noqa: E731
-                        x, 32, weight, bias, 1e-5, silu=True, add=emb, backend=name))(name)
-                row = {"op": "group_norm+silu" + ("+add" if add else ""), "layout": layout,
-                       "shape": [2, c, h, w], "dtype": str(dtype).replace("torch.", ""),
-                       "baseline": "F.group_norm + F.silu" + (" (+ add)" if add else "")}
-                row.update(_row(interleaved(fns, device, rounds), "baseline", "GBps",
-                                2 * x.numel() * x.element_size()))
-                rows.append(row)
+    for case in cases:
+        fns = {"baseline": case.baseline,
+               **{name: case.run(name) for name in _backends(op, device)}, **case.extras}
+        unit = {"GB/s": "GBps", "TFLOP/s": "TFLOPs"}[case.unit[0]]
+        row = {"op": case.op, **case.describe}
+        # self-attention at 64x64 runs for seconds on a CPU: fewer rounds there
+        few = max(3, rounds // 3) if case.slow else rounds
+        row.update(_row(K.interleaved(fns, device, few, clock=_clock), "baseline", unit, case.amount))
+        rows.append(row)
     return rows
 
 
-def _heads(n, heads, d, device, dtype):
-    """[2, heads, n, d] as the models make it: a view of [2, n, heads * d]."""
-    t = torch.randn(2, n, heads * d, device=device, dtype=dtype)
-    return t.view(2, n, heads, d).transpose(1, 2)  # [B, N, H*D] -> [B, H, N, D]
+def bench_group_norm(device, dtype, rounds, quick):
+    cases = K.group_norm_cases(GN_SHAPES[:2] if quick else GN_SHAPES, 2, device, dtype,
+                               adds=(False, True))
+    return _rows(cases, "group_norm", device, rounds)
 
 
 def bench_attention(device, dtype, rounds, quick):
-    rows = []
-    shapes = ATTN_SHAPES[:1] if quick else ATTN_SHAPES
-    for n, heads, d in shapes:
-        for kind, m in (("cross", 77), ("self", n)):
-            if device == "cpu" and kind == "self" and n > 1024 and quick:
-                continue
-            q, k, v = (_heads(length, heads, d, device, dtype) for length in (n, m, m))
-            fns = {"baseline": lambda: F.scaled_dot_product_attention(q, k, v)}
-            for name in _backends("attention", device):
-                fns[name] = (lambda name: lambda: ops.attention(q, k, v, backend=name))(name)
-            row = {"op": f"attention ({kind})", "shape": {"B": 2, "H": heads, "N": n, "M": m, "D": d},
-                   "dtype": str(dtype).replace("torch.", ""), "baseline": "F.scaled_dot_product_attention"}
-            # self-attention at 64x64 runs for seconds on a CPU: fewer rounds there
-            few = device == "cpu" and kind == "self" and n * m > 2 ** 21
-            row.update(_row(interleaved(fns, device, max(3, rounds // 3) if few else rounds),
-                            "baseline", "TFLOPs", 4 * 2 * heads * n * m * d))
-            rows.append(row)
-    return rows
-
-
-def sd15_attention_projections():
-    """(out, in) of every attention projection of the SD1.5 UNet (to_q, to_k, to_v, to_out.0
-    per transformer block; to_k/to_v of attn2 read the 768-wide text context)."""
-    shapes = []
-    for c, blocks in ((320, 2 + 3), (640, 2 + 3), (1280, 2 + 1 + 3)):  # down + mid + up blocks
-        for _ in range(blocks):
-            shapes += [(c, c)] * 4                   # attn1: q, k, v, out
-            shapes += [(c, c), (c, 768), (c, 768), (c, c)]  # attn2: q, k, v, out
-    return shapes
+    cases = K.attention_cases(ATTN_SHAPES[:1] if quick else ATTN_SHAPES, 2, device, dtype)
+    if device == "cpu" and quick:
+        cases = [c for c in cases if not (c.op == "attention (self)" and c.describe["shape"]["N"] > 1024)]
+    return _rows(cases, "attention", device, rounds)
 
 
 def bench_lora_merge(device, dtype, rounds, quick, rank=32):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    shapes = sd15_attention_projections()
-    if quick:
-        shapes = shapes[:16]
-    weights = [torch.randn(o, i, generator=g).to(device, dtype) for o, i in shapes]
-    ups = [torch.randn(o, rank, generator=g).to(device, dtype) for o, i in shapes]
-    downs = [torch.randn(rank, i, generator=g).to(device, dtype) for o, i in shapes]
-    scale = 1e-4
-    scales = [scale] * len(shapes)
-
-    def baseline():
-        for w, u, d in zip(weights, ups, downs):
-            w.addmm_(u, d, alpha=scale)
-
-    def floor():  # what any in-place merge must move: one read and one write of every weight
-        for w in weights:
-            w.mul_(1.0)
-
-    fns = {"baseline": baseline, "memory floor (w.mul_(1) per layer)": floor}
-    for name in _backends("lora_merge", device):
-        fns[name] = (lambda name: lambda: ops.lora_merge_(weights, ups, downs, scales, backend=name))(name)
-        if name != "reference":
-            fns[f"{name} (per-layer calls)"] = (lambda name: lambda: [  # noqa: E731
-                ops.lora_merge_(w, u, d, scale, backend=name) for w, u, d in zip(weights, ups, downs)])(name)
-    row = {"op": f"lora_merge (rank {rank}, {len(shapes)} SD1.5 attention projections)",
-           "dtype": str(dtype).replace("torch.", ""), "baseline": "per-layer weight.addmm_"}
-    row.update(_row(interleaved(fns, device, max(3, rounds // 2)), "baseline", "GBps",
-                    2 * sum(w.numel() * w.element_size() for w in weights)))
-    return [row]
+    shapes = K.sd15_attention_projections()
+    per_layer = [b for b in _backends("lora_merge", device) if b != "reference"]
+    case = K.lora_merge_case(device, dtype, shapes[:16] if quick else shapes, rank, per_layer)
+    return _rows([case], "lora_merge", device, max(3, rounds // 2))
 
 
 def _describe(row):

@@ -13,8 +13,10 @@ run() {
     $PY -m sdfast bench --arch sd15 --suite "$suite" --overwrite \
         --json "bench/results/cpu-sd15-$suite.json" --plot "bench/results/cpu-sd15-$suite.png" "$@"
 }
-run unet --resolution 256 --batch 2 --repeats 5 "$@"
-run e2e --resolution 512 --steps "${E2E_STEPS:-20}" --repeats 3 "$@"
+run kernels --resolution 256 --repeats 5 "$@"
+run unet --resolution 256 --batch 2 --repeats 5 \
+    --compare diffusers,diffusers-accelerated,torch-reference,onnxruntime "$@"
+run e2e --resolution 512 --steps "${E2E_STEPS:-20}" --repeats 3 --cache-interval 3 "$@"
 run lora --repeats 5 "$@"
 run load --repeats 5 "$@"
 run memory --resolution 512 --steps 2 --repeats 2 "$@"

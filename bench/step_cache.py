@@ -30,6 +30,7 @@ import torch
 from _record import ROOT, interleaved, sha256, write_result
 
 import sdfast  # noqa: E402  (after _record put the repository on sys.path)
+from sdfast.bench.measure import psnr  # noqa: E402
 from sdfast.eval.shapes_eval import evaluate, select_prompts  # noqa: E402
 from sdfast.models.unet import UNetConfig, UNetModel  # noqa: E402
 
@@ -63,11 +64,6 @@ def shallow_fraction(unet_or_config, latent, depth):
 
 def unet_speedup(interval, fraction):
     return interval / (1 + (interval - 1) * fraction)
-
-
-def psnr(a, b):
-    mse = ((a.double() - b.double()) ** 2).flatten(1).mean(1)
-    return 10 * torch.log10(1 / mse)
 
 
 def speed_and_psnr(pipe, intervals, depth, repeats, n_prompts):

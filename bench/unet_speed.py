@@ -45,6 +45,7 @@ for path in (ROOT, ROOT / "tests"):
         sys.path.insert(0, str(path))
 
 from _diffusers_models import make_unet  # noqa: E402
+from sdfast.bench.kernels import sgemm_gflops  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
@@ -201,17 +202,6 @@ class _OpTimer(TorchDispatchMode):
         if isinstance(out, torch.Tensor):
             self.flops[_category(name)] += _flops(name, args, out)
         return out
-
-
-def sgemm_gflops(clock, n=2048, repeats=5):
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        start = clock()
-        a @ b
-        times.append(clock() - start)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
 def bench_profile(args, clock):

@@ -15,7 +15,7 @@ from sdfast.bench.suites import Row
 from sdfast.cli import main
 
 ROW_KEYS = {"suite", "name", "unit", "kind", "runs", "ratios", "ratio_meaning", "unavailable",
-            "checks", "notes", "goal", "status"}
+            "checks", "notes", "goal", "status", "work", "rates"}
 STATS_KEYS = {"median", "q1", "q3", "min", "max", "n", "samples"}
 
 
@@ -40,13 +40,12 @@ def _bench(capsys, work_dir, *args):
 
 def test_unet_suite_writes_table_json_and_chart(capsys, work_dir, tmp_path, keep_threads):
     out_json, out_png = tmp_path / "run.json", tmp_path / "run.png"
-    rc, out, err = _bench(capsys, work_dir, "--suite", "unet,kernels", "--resolution", "64",
+    rc, out, err = _bench(capsys, work_dir, "--suite", "unet", "--resolution", "64",
                           "--repeats", "2", "--warmup", "0", "--json", str(out_json),
                           "--plot", str(out_png))
     assert rc == 0, err
     assert "| suite | measurement | sdfast | diffusers | torch-reference | onnxruntime | goal |" in out
     assert "| unet | UNet step 64x64, batch 1 (CFG: 2 rows) |" in out
-    assert "not yet wired" in out                                   # the kernels hook
     record = json.loads(out_json.read_text())
     assert {"schema", "command", "argv", "date", "machine", "versions", "settings", "model",
             "rows", "load_average_at_end"} <= record.keys()
@@ -55,8 +54,7 @@ def test_unet_suite_writes_table_json_and_chart(capsys, work_dir, tmp_path, keep
     assert record["machine"]["torch_threads"] == 1
     assert record["versions"]["torch"] == torch.__version__.split("+")[0] or \
         record["versions"]["torch"].startswith(torch.__version__.split("+")[0])
-    kernels, unet = record["rows"]
-    assert kernels["status"].startswith("not yet wired") and not kernels["runs"]
+    (unet,) = record["rows"]
     assert unet.keys() == ROW_KEYS
     assert set(unet["runs"]) == {"sdfast", "diffusers", "torch-reference", "onnxruntime"}
     for stats in unet["runs"].values():
@@ -77,6 +75,55 @@ def test_unet_suite_writes_table_json_and_chart(capsys, work_dir, tmp_path, keep
     # never overwrite a result without --overwrite
     rc, _, err = _bench(capsys, work_dir, "--suite", "kernels", "--json", str(out_json))
     assert rc == 2 and "exists" in err
+
+
+def test_kernels_suite_times_sdfast_ops_against_torch(capsys, work_dir, tmp_path, keep_threads,
+                                                      monkeypatch):
+    from sdfast.bench import kernels
+
+    projections = kernels.sd15_attention_projections()[:8]          # a small LoRA: a fast test
+    monkeypatch.setattr(kernels, "sd15_attention_projections", lambda: projections)
+    out_json, out_png = tmp_path / "run.json", tmp_path / "run.png"
+    rc, out, err = _bench(capsys, work_dir, "--suite", "kernels", "--resolution", "64",
+                          "--repeats", "1", "--warmup", "0", "--compare", "diffusers",
+                          "--json", str(out_json), "--plot", str(out_png))
+    assert rc == 0, err
+    with Image.open(out_png) as image:                    # a panel per row, microseconds or not
+        assert image.format == "PNG" and image.height > 20 * 40
+    # torch is the kernels' baseline even when --compare does not name torch-reference
+    assert "| suite | measurement | sdfast | diffusers | torch-reference | goal |" in out
+    assert "| kernels | attention (cross) B=2 H=8 N=64 M=77 D=40 |" in out
+    roof, *rows = json.loads(out_json.read_text())["rows"]
+    assert set(roof["runs"]) == {"torch-reference"} and roof["rates"]["torch-reference"]["unit"] == "GFLOP/s"
+    roofline = roof["rates"]["torch-reference"]["value"]
+    assert roofline == pytest.approx(2 * 2048 ** 3 / roof["runs"]["torch-reference"]["median"] / 1e9)
+    ops = [row["name"] for row in rows]
+    for name in ("group_norm+silu nchw [2, 320, 8, 8]", "group_norm+silu nhwc [2, 1280, 1, 1]",
+                 "attention (self) B=2 H=8 N=4 M=4 D=160",
+                 "lora_merge (rank 32, 8 SD1.5 attention projections)",
+                 "conv2d 3x3 nhwc [2, 640, 4, 4]"):
+        assert name in ops
+    goals = {"group_norm+silu": 2.5, "attention (cross)": 1.3, "lora_merge": 2.0}
+    for row in rows:
+        assert row.keys() == ROW_KEYS and set(row["runs"]) == {"sdfast", "torch-reference"}
+        assert row["unavailable"]["diffusers"].startswith("not applicable")
+        runs = {name: stats["median"] for name, stats in row["runs"].items()}
+        assert row["ratios"] == {"torch-reference": pytest.approx(runs["torch-reference"] / runs["sdfast"])}
+        goal = next((v for k, v in goals.items() if row["name"].startswith(k)), None)
+        assert (row["goal"] or {}).get("at_least") == goal
+        assert goal is None or row["goal"]["vs"] == "torch-reference" and isinstance(row["goal"]["met"], bool)
+        for name, rate in row["rates"].items():
+            work = row["work"]
+            assert rate["value"] == pytest.approx(work["amount"] / runs[name] / work["scale"])
+            if row["name"].startswith(("attention", "conv2d")):   # FLOPs: read against the GEMM
+                gflops = rate["value"] * work["scale"] / 1e9
+                assert rate["share_of_roofline"] == pytest.approx(gflops / roofline)
+            else:
+                assert rate["unit"] == "GB/s" and "share_of_roofline" not in rate
+        # the same op on the same inputs: fp32 rounding apart (Winograd's transforms, other
+        # summation orders), the same output
+        check = row["checks"]["torch-reference"]
+        assert check["max_abs_diff_vs_sdfast"] < 1e-4 * max(1.0, check["max_abs_sdfast"])
 
 
 def test_an_unavailable_baseline_says_why(capsys, work_dir, tmp_path, keep_threads, monkeypatch):
@@ -113,6 +160,35 @@ def test_e2e_and_lora_suites_agree_with_diffusers(capsys, work_dir, tmp_path, ke
         assert check[f"{part}_max_abs_diff_vs_sdfast"] < 1e-3 * check[f"{part}_lora_effect"]
 
 
+def test_accelerated_diffusers_and_step_caching_rows(capsys, work_dir, tmp_path, keep_threads):
+    """--compare diffusers-accelerated: diffusers with `sdfast.accelerate(pipe)`, beside plain
+    diffusers; --cache-interval: e2e adds sdfast's cached generate, timed in the same rounds."""
+    out_json = tmp_path / "run.json"
+    rc, out, err = _bench(capsys, work_dir, "--suite", "unet,e2e", "--resolution", "64",
+                          "--steps", "2", "--repeats", "1", "--warmup", "0", "--cache-interval", "2",
+                          "--compare", "diffusers,diffusers-accelerated", "--json", str(out_json))
+    assert rc == 0, err
+    assert "| suite | measurement | sdfast | diffusers | diffusers-accelerated | goal |" in out
+    assert "| e2e | the same with step caching (cache_interval 2) |" in out
+    record = json.loads(out_json.read_text())
+    assert record["settings"]["cache_interval"] == 2 and "--cache-interval 2" in record["command"]
+    unet, e2e, cached = record["rows"]
+    check = unet["checks"]["diffusers-accelerated"]                # sdfast's ops inside diffusers
+    assert check["max_abs_diff_vs_sdfast"] < 1e-4 * max(1.0, check["max_abs_sdfast"])
+    assert e2e["checks"]["diffusers-accelerated"]["max_pixel_diff_vs_sdfast_0_255"] <= 1
+    assert set(cached["runs"]) == {"sdfast", "sdfast-uncached", "diffusers", "diffusers-accelerated"}
+    assert cached["runs"]["sdfast-uncached"] == e2e["runs"]["sdfast"]
+    assert cached["runs"]["diffusers"] == e2e["runs"]["diffusers"]
+    speedup = cached["ratios"]["sdfast-uncached"]
+    assert speedup == pytest.approx(e2e["runs"]["sdfast"]["median"] / cached["runs"]["sdfast"]["median"])
+    assert cached["goal"] == {"vs": "sdfast-uncached", "at_least": 2.0, "met": speedup >= 2.0}
+    quality = cached["checks"]["sdfast-uncached"]
+    assert quality["speedup_vs_uncached"] == pytest.approx(speedup)
+    # one of two steps reuses the deep features: the image stays close to the uncached one
+    assert quality["psnr_db_vs_uncached"] >= quality["psnr_db_min"] > 20
+    assert f"x{speedup:.2f} faster than sdfast's uncached generate" in out
+
+
 def test_load_and_memory_suites_run_in_fresh_processes(capsys, work_dir, tmp_path, keep_threads):
     out_json = tmp_path / "run.json"
     rc, out, err = _bench(capsys, work_dir, "--suite", "load,memory", "--resolution", "64",
@@ -130,6 +206,20 @@ def test_load_and_memory_suites_run_in_fresh_processes(capsys, work_dir, tmp_pat
         memory["runs"]["sdfast"]["median"] / memory["runs"]["torch-reference"]["median"])
 
 
+def test_a_child_reports_its_own_peak_memory_not_its_parents():
+    """ru_maxrss survives fork and exec on Linux: a child of a bench process holding models
+    would report at least the parent's peak. The child's figure is its own address space's."""
+    import subprocess
+    import sys
+
+    held = bytearray(512 * 2 ** 20)
+    held[::4096] = b"\x01" * len(held[::4096])                      # touch every page
+    code = "from sdfast.bench.child import _peak_rss_mib; print(_peak_rss_mib())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert 1 < float(proc.stdout) < 256                      # a bare interpreter, not the 512 MiB
+    del held
+
+
 @pytest.mark.parametrize("args,message", [
     (["--suite", "nope"], "--suite: unknown 'nope'"),
     (["--suite", ","], "--suite: name at least one suite"),
@@ -141,6 +231,8 @@ def test_load_and_memory_suites_run_in_fresh_processes(capsys, work_dir, tmp_pat
     (["--dtype", "int8"], "invalid choice: 'int8'"),
     (["--model", "missing.safetensors"], "missing.safetensors: no such file"),
     (["--plot", "chart.jpg"], "the chart is a PNG file"),
+    (["--cache-interval", "1"], "must be >= 2"),
+    (["--suite", "unet", "--cache-interval", "2"], "--cache-interval: only the e2e suite uses it"),
 ])
 def test_bad_flags_are_one_line_exit_2(capsys, tmp_path, args, message):
     rc = main(["bench", "--work-dir", str(tmp_path), *args])

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import sdfast
+from sdfast.bench.measure import psnr
 from sdfast.builtin import UNET
 from sdfast.cli import main
 from sdfast.errors import SdfastError
@@ -31,12 +32,6 @@ def pipe():
 def _generate(pipe, steps=6, **kw):
     return pipe.generate(PROMPTS, seed=[1, 2], steps=steps, cfg=5.0, output="tensor",
                          progress=False, **kw)
-
-
-def psnr(a, b):
-    """Per-image PSNR in dB of `[B, 3, H, W]` images in 0..1."""
-    mse = ((a.double() - b.double()) ** 2).flatten(1).mean(1)
-    return 10 * torch.log10(1 / mse)
 
 
 def test_interval_one_is_bit_identical(pipe):

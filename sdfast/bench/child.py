@@ -6,7 +6,7 @@ prints one JSON line with what it measured. `load`: seconds to import the librar
 included), to load the model into a ready pipeline, and to page in every weight once (one read
 per 4 KiB page: both sides map the file lazily, so the first pass over the weights costs page
 faults that a timed load alone would hide). `memory`: the same load, one `generate`, and the
-process's peak resident memory (`ru_maxrss`; on CUDA also torch's peak allocation).
+process's peak resident memory (VmHWM; on CUDA also torch's peak allocation).
 """
 import json
 import resource
@@ -23,6 +23,16 @@ def _rss_mib():
 
 
 def _peak_rss_mib():
+    """The peak resident memory of this process's own address space (Linux: VmHWM).
+    Not `ru_maxrss`: on Linux it survives fork and exec, so a child started by a bench process
+    that holds loaded models would report at least that parent's peak."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024                   # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux: KiB
 
 

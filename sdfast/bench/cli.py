@@ -46,6 +46,9 @@ def register(subparsers):
     p.add_argument("--compare", default=DEFAULT_COMPARE,
                    help=f"comma-separated baselines: {', '.join(BASELINES)}, or none "
                         f"(default: {DEFAULT_COMPARE})")
+    p.add_argument("--cache-interval", type=_int_at_least(2), default=None, metavar="N",
+                   help="e2e: also time sdfast's generate with step caching every N steps "
+                        "(its speed-up over the uncached generate and its image's PSNR)")
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed rounds (default 3)")
     p.add_argument("--warmup", type=_int_at_least(0), default=1,
                    help="untimed rounds first (default 1; the load suite runs at least one)")
@@ -84,6 +87,8 @@ def check_args(args):
     args.suites = list(SUITES) if "all" in suites else [s for s in SUITES if s in suites]
     compare = _list(args.compare, BASELINES, "--compare", ("none",))
     args.baselines = [b for b in BASELINES if b in compare]
+    if args.cache_interval is not None and "e2e" not in args.suites:
+        raise SdfastError("--cache-interval: only the e2e suite uses it (add e2e to --suite)")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -113,6 +118,8 @@ def command_line(args):
               "--suite", ",".join(args.suites), "--compare", ",".join(args.baselines) or "none",
               "--repeats", str(args.repeats), "--warmup", str(args.warmup),
               "--threads", str(args.threads), "--seed", str(args.seed)]
+    if args.cache_interval is not None:
+        parts += ["--cache-interval", str(args.cache_interval)]
     return shlex.join(parts)
 
 
@@ -144,6 +151,8 @@ def run(args, log):
 
     names = ["sdfast", *args.baselines]
     runtimes = {name: RUNTIMES[name]() for name in names}
+    if "kernels" in args.suites and "torch-reference" not in names:
+        names.append("torch-reference")          # the kernels suite's baseline is always torch
     unavailable = {n: why for n, rt in runtimes.items() if (why := rt.unavailable(args.device))}
     os.makedirs(args.work_dir, exist_ok=True)
     model = (model_files(args.model, args.work_dir) if args.model
@@ -153,13 +162,13 @@ def run(args, log):
               "machine": machine(args.device), "versions": versions(),
               "settings": {k: getattr(args, k) for k in ("device", "dtype", "resolution", "steps",
                                                          "batch", "repeats", "warmup", "threads", "seed",
-                                                         "suites", "baselines")},
+                                                         "suites", "baselines", "cache_interval")},
               "model": {"label": model.label, "family": model.family,
                         "prediction": model.prediction, "arch": args.arch,
                         "path": model.checkpoint}}
     bench = Bench(model, runtimes, unavailable, args.device, getattr(torch, DTYPES[args.dtype]),
                   args.resolution, args.steps, args.batch, args.repeats, args.warmup,
-                  args.work_dir, log)
+                  args.work_dir, log, cache_interval=args.cache_interval)
     rows = []
     for suite in args.suites:
         if suite in ("load", "memory"):

@@ -73,6 +73,14 @@ def interleave(runners, repeats, warmup, progress=None):
     return samples
 
 
+def psnr(a, b):
+    """Per-image PSNR in dB of `[B, C, H, W]` images in 0..1."""
+    import torch
+
+    mse = ((a.double() - b.double()) ** 2).flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse)
+
+
 def _cpu_model():
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:

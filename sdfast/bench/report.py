@@ -3,7 +3,9 @@
 JSON keys (schema 1): `schema`, `command`, `date`, `machine` (cpu, cores, torch_threads,
 platform, python, memory_gib, load_average_at_start, gpu), `versions`, `settings`, `model`,
 `rows` (each: suite, name, unit, kind, runs {runtime: median, q1, q3, min, max, n, samples},
-ratios {baseline: ratio}, ratio_meaning, unavailable {runtime: why}, checks, notes, goal
+ratios {baseline: ratio}, rates {runtime: {unit, value,
+share_of_roofline}} (kernels: GB/s, TFLOP/s, and for attention and convolution the share of the
+GEMM roofline row), ratio_meaning, unavailable {runtime: why}, checks, notes, goal
 {vs, at_least | at_most, met}, status), and `load_average_at_end`.
 """
 import json
@@ -13,7 +15,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 SCHEMA = 1
 COLOURS = {"sdfast": (31, 119, 180), "torch-reference": (148, 103, 189),
-           "diffusers": (255, 127, 14), "onnxruntime": (44, 160, 44)}
+           "diffusers": (255, 127, 14), "diffusers-accelerated": (214, 39, 40),
+           "onnxruntime": (44, 160, 44)}
 
 
 def _scale(value, unit):
@@ -47,10 +50,18 @@ def _ratio_text(row, name):
     return f" (x{ratio:.2f})"
 
 
+def _rate_text(row, name):
+    rate = row.rates().get(name)
+    if rate is None:
+        return ""
+    share = rate.get("share_of_roofline")
+    return f" {_num(rate['value'])} {rate['unit']}" + (f" ({share:.0%} of GEMM)" if share else "")
+
+
 def _cell(row, name):
     if name in row.runs:
         st = row.runs[name]
-        return fmt(st.median, row.unit, *st.quartiles()) + _ratio_text(row, name)
+        return fmt(st.median, row.unit, *st.quartiles()) + _ratio_text(row, name) + _rate_text(row, name)
     if name in row.unavailable:
         return "n/a"
     return ""
@@ -77,6 +88,7 @@ def table(record, rows, names):
              "| suite | measurement | " + " | ".join(names) + " | goal |",
              "|---|---|" + "---|" * len(names) + "---|"]
     notes = []
+    checked = [row.suite for row in rows if row.checks]
     for row in rows:
         if row.status:
             lines.append(f"| {row.suite} | {row.name} | {row.status} |" + " |" * len(names))
@@ -88,7 +100,8 @@ def table(record, rows, names):
                 notes.append(f"- {row.suite} / {name}: {why}")
         for name, check in row.checks.items():
             shown = ", ".join(f"{k} {v:.3g}" for k, v in check.items())
-            notes.append(f"- {row.suite} / {name} check: {shown}")
+            which = f" ({row.name})" if checked.count(row.suite) > 1 else ""
+            notes.append(f"- {row.suite} / {name} check{which}: {shown}")
         notes += [f"- {row.suite}: {note}" for note in row.notes]
     seen = []
     for note in notes:

@@ -9,10 +9,19 @@ computed the same thing (a baseline that does less work would otherwise look slo
 - load:   fresh processes: imports + load of the single file to a ready pipeline, and a first
           read of every weight; the page cache is warmed first, for every side alike.
 - memory: fresh processes: peak resident memory of load + one generate.
-- kernels: the per-op suite is bench/kernels.py; it is not wired into `sdfast bench` yet.
+- kernels: sdfast's dispatched ops ("sdfast") against torch's ("torch-reference":
+          F.group_norm + F.silu, F.scaled_dot_product_attention, a per-layer addmm_ loop,
+          F.conv2d) at SD1.5 shapes for `resolution` and the CFG batch, with GB/s or TFLOP/s
+          (`sdfast.bench.kernels`), and the GEMM roofline (a 2048^3 torch.mm) that each
+          attention and convolution row's rate is also given as a share of.
+
+With `cache_interval` N (`--cache-interval`), e2e also times sdfast's generate with step caching
+in the same interleaved rounds and adds a row: its speed-up over the uncached generate and the
+PSNR of its image against the uncached one.
 """
 import json
 import os
+from dataclasses import replace
 import shutil
 import subprocess
 import sys
@@ -26,12 +35,15 @@ PROMPT = "a photograph of an astronaut riding a horse, highly detailed"
 NEGATIVE = "blurry, low quality"
 CFG = 7.0
 SEED = 0
-KERNELS_HOOK = ("not yet wired: the per-op kernel suite is bench/kernels.py (issue 4); "
-                "`sdfast bench --suite kernels` will run it once that lands")
 # Speed-up goals (x faster than the baseline) and the memory goal (x of the baseline's peak).
 GOALS = {"unet": {"vs": "diffusers", "at_least": 1.5}, "e2e": {"vs": "diffusers", "at_least": 1.5},
          "load": {"vs": "diffusers", "at_least": 3.0}, "lora": {"vs": "diffusers", "at_least": 5.0},
          "memory": {"vs": "diffusers", "at_most": 0.8}}
+# Per-op goals of issue 4 (x faster than torch), by the start of the op's name.
+KERNEL_GOALS = {"group_norm+silu": 2.5, "attention (cross)": 1.3, "lora_merge": 2.0}
+CACHE_GOAL = 2.0               # issue 8: step caching at least 2x over the uncached generate
+UNCACHED = "sdfast-uncached"   # the uncached generate in the cached row (not a table column)
+CACHED = "sdfast-cached"       # sdfast's cached generate while e2e measures (its own row)
 
 
 @dataclass
@@ -49,6 +61,7 @@ class Row:
     notes: list = field(default_factory=list)
     goal: dict | None = None
     status: str | None = None                         # a suite that measured nothing: why
+    work: dict | None = None     # {"amount", "unit", "scale", "roofline_GFLOPs"}: rates per call
 
     def ratios(self):
         ours = self.runs.get("sdfast")
@@ -61,6 +74,20 @@ class Row:
                 out[name] = a / b
         return out
 
+    def rates(self):
+        """`{runtime: {"unit", "value", "share_of_roofline"?}}` of a row that did known work
+        per call (bytes or FLOPs): the physical rate at each runtime's median time."""
+        if not self.work:
+            return {}
+        out = {}
+        for name, stats in self.runs.items():
+            value = self.work["amount"] / stats.median / self.work["scale"]
+            out[name] = {"unit": self.work["unit"], "value": value}
+            if self.work.get("roofline_GFLOPs"):
+                gflops = value * self.work["scale"] / 1e9
+                out[name]["share_of_roofline"] = gflops / self.work["roofline_GFLOPs"]
+        return out
+
     def goal_met(self):
         if not self.goal or self.goal["vs"] not in self.runs or "sdfast" not in self.runs:
             return None
@@ -71,6 +98,7 @@ class Row:
         out = asdict(self)
         out["runs"] = {name: stats.as_dict() for name, stats in self.runs.items()}
         out["ratios"] = self.ratios()
+        out["rates"] = self.rates()
         out["ratio_meaning"] = ("baseline / sdfast (x faster)" if self.kind == "time"
                                 else "sdfast / baseline (fraction of the baseline's peak)")
         if self.goal:
@@ -82,11 +110,12 @@ class Bench:
     """What every suite shares: settings, the runtimes, and in-process loaded models."""
 
     def __init__(self, model, runtimes, unavailable, device, dtype, resolution, steps, batch,
-                 repeats, warmup, work_dir, log):
+                 repeats, warmup, work_dir, log, cache_interval=None):
         self.model, self.runtimes, self.unavailable = model, runtimes, unavailable
         self.device, self.dtype = device, dtype
         self.resolution, self.steps, self.batch = resolution, steps, batch
         self.repeats, self.warmup, self.work_dir, self.log = repeats, warmup, work_dir, log
+        self.cache_interval = cache_interval
         self._handles = {}
         self._paths = {}
 
@@ -150,7 +179,7 @@ def _guarded(name, fn, row):
         try:
             return fn()
         except Exception as exc:
-            if name == "sdfast":
+            if name in ("sdfast", CACHED):
                 raise
             row.unavailable[name] = f"failed: {type(exc).__name__}: {exc}"
             return None
@@ -163,7 +192,50 @@ def _max_diff(a, b):
 
 # ----------------------------------------------------------------------------- suites
 def suite_kernels(bench):
-    return [Row("kernels", "per-op kernels", status=KERNELS_HOOK)]
+    import torch
+
+    from . import kernels as K
+
+    latent, rows, dev, dtype = bench.resolution // 8, 2 * bench.batch, bench.device, bench.dtype
+    levels = K.sd15_levels(latent)
+    other = {n: "not applicable: the kernels suite times sdfast's ops against torch's"
+             for n in bench.runtimes if n not in ("sdfast", "torch-reference")}
+    call, flops = K.sgemm(dev, dtype)
+    roof = Row("kernels", f"GEMM roofline: torch.mm 2048^3 {K._dtype_name(dtype)}",
+               unavailable=dict(other, sdfast="not applicable: torch's GEMM, the roofline"),
+               work={"amount": flops, "unit": "GFLOP/s", "scale": 1e9})
+    bench.measure(roof, {"torch-reference": timed(call, dev)})
+    roofline = roof.rates()["torch-reference"]["value"]
+    out = [roof]
+    builders = (lambda: K.group_norm_cases(levels, rows, dev, dtype),
+                lambda: K.attention_cases(K.attention_shapes(latent), rows, dev, dtype),
+                lambda: [K.lora_merge_case(dev, dtype)],
+                lambda: K.conv_cases(levels, rows, dev, dtype))
+    with torch.no_grad():
+        for build in builders:
+            out += [_kernel_row(bench, case, other, roofline) for case in build()]
+    return out
+
+
+def _kernel_row(bench, case, other, roofline):
+    """One case: sdfast's dispatched op against torch's, `inner` calls per sample."""
+    from . import kernels as K
+
+    goal = next((v for k, v in KERNEL_GOALS.items() if case.op.startswith(k)), None)
+    flops = case.unit[0] == "TFLOP/s"
+    row = Row("kernels", case.label(), unavailable=dict(other),
+              goal={"vs": "torch-reference", "at_least": goal} if goal else None,
+              work={"amount": case.amount, "unit": case.unit[0], "scale": case.unit[1],
+                    "roofline_GFLOPs": roofline if flops else None})
+    row.notes += [f"{case.op}: torch-reference is {case.describe['baseline']}"] + (
+        [case.note] if case.note else [])
+    ours, ref = case.outputs()
+    row.checks["torch-reference"] = {"max_abs_diff_vs_sdfast": _max_diff(ours, ref),
+                                     "max_abs_sdfast": float(ours.abs().max())}
+    inner = K.inner_count(case.baseline, bench.device)
+    bench.measure(row, {"sdfast": K.per_call(case.run(None), inner, bench.device),
+                        "torch-reference": K.per_call(case.baseline, inner, bench.device)})
+    return row
 
 
 def suite_unet(bench):
@@ -206,20 +278,58 @@ def suite_e2e(bench):
     handles = bench.loaded(row)
     images = {}
 
-    def runner(name, rt, h):
+    def runner(name, rt, h, request=req):
         def run():
-            images[name] = rt.generate(h, req)
+            images[name] = rt.generate(h, request)
         return timed(run, bench.device)
 
+    runners = {n: runner(n, rt, h) for n, (rt, h) in handles.items()}
+    if bench.cache_interval:
+        cached = replace(req, cache_interval=bench.cache_interval)
+        runners[CACHED] = runner(CACHED, *handles["sdfast"], cached)
     with torch.no_grad():
-        bench.measure(row, {n: runner(n, rt, h) for n, (rt, h) in handles.items()})
+        samples = bench.sample(row, runners)
+    cached_samples = samples.pop(CACHED, None)
+    row.runs.update({name: Stats(values) for name, values in samples.items()})
+    rows = [row]
+    if cached_samples is not None:
+        rows.append(_cached_row(bench, row, Stats(cached_samples), images))
     ref = [np.asarray(im, dtype=np.int16) for im in images["sdfast"]]
     for name, ims in images.items():
         if name != "sdfast" and name in row.runs:
             diff = max(int(np.abs(np.asarray(im, dtype=np.int16) - r_).max())
                        for im, r_ in zip(ims, ref))
             row.checks[name] = {"max_pixel_diff_vs_sdfast_0_255": diff}
-    return [row]
+    return rows
+
+
+def _cached_row(bench, row, cached, images):
+    """The e2e row of sdfast's generate with step caching: against the uncached generate
+    (interleaved with it) and against every baseline's plain generate, and its image's PSNR
+    against the uncached one (same prompt, noise and seed)."""
+    import numpy as np
+    import torch
+
+    from .measure import psnr
+
+    n = bench.cache_interval
+    out = bench.row("e2e", f"the same with step caching (cache_interval {n})")
+    out.unavailable = dict(row.unavailable)
+    out.goal = {"vs": UNCACHED, "at_least": CACHE_GOAL}
+    out.runs = {"sdfast": cached, UNCACHED: row.runs["sdfast"],
+                **{name: stats for name, stats in row.runs.items() if name != "sdfast"}}
+
+    def tensor(ims):                          # PIL images -> [B, 3, H, W] in 0..1
+        return torch.from_numpy(np.stack([np.asarray(im) for im in ims])).permute(0, 3, 1, 2) / 255.0
+
+    db = psnr(tensor(images[CACHED]), tensor(images["sdfast"]))
+    speedup = out.ratios()[UNCACHED]
+    out.checks[UNCACHED] = {"speedup_vs_uncached": speedup, "psnr_db_vs_uncached": float(db.mean()),
+                            "psnr_db_min": float(db.min())}
+    out.notes.append(f"cache_interval {n}: x{speedup:.2f} faster than sdfast's uncached generate "
+                     f"(interleaved in the same run), image PSNR {float(db.mean()):.1f} dB against "
+                     "the uncached image; prompt adherence: bench/step_cache.py")
+    return out
 
 
 def suite_lora(bench):
@@ -395,7 +505,8 @@ def suite_memory(bench):
     row = bench.row("memory", f"peak resident memory: load + one {req.width}x{req.height} "
                               f"generate ({req.steps} steps, batch {req.batch}), fresh process",
                     unit="MiB", kind="memory")
-    row.notes.append("ru_maxrss of the process (mapped weight pages count once touched)")
+    row.notes.append("peak resident memory of the process, VmHWM (mapped weight pages count once "
+                     "touched)")
     return _child_rows(bench, "memory", {"peak_rss_mib": row}, warmup=0)
 
 
