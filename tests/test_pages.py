@@ -7,7 +7,7 @@ import torch
 
 import sdfast
 from _pipelines import family_of, make_reference, save_single_file
-from sdfast.io.pages import release_pages
+from sdfast.io.pages import populated_copy, release_pages
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux pagemap")
 
@@ -66,3 +66,17 @@ def test_generate_gives_the_same_images_with_and_without_releasing(single):
     pipe.release_weights = False
     kept = pipe.generate("a red circle", **kw)
     assert torch.equal(first, second) and torch.equal(first, kept)
+
+
+def test_populated_copy_is_an_exact_copy_in_new_memory(single):
+    """The LoRA stack's copy of a touched weight: from a file-mapped weight whose pages were
+    released (so the source must map again), and from ordinary memory of any size."""
+    pipe = sdfast.load(single)
+    weight = pipe.text_encoder.token_embedding.weight.data   # file-mapped, 12 MiB
+    release_pages(pipe.text_encoder)
+    for source in (weight, torch.randn(3, 5), torch.randn(1000, 999)[:, 1:]):
+        copy = populated_copy(source)
+        assert torch.equal(copy, source)
+        assert copy.untyped_storage().data_ptr() != source.untyped_storage().data_ptr()
+        copy.add_(1)                                          # writable, and independent
+        assert not torch.equal(copy, source)

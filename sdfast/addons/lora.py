@@ -31,6 +31,7 @@ import torch
 
 from sdfast import ops
 from sdfast.errors import SdfastError
+from sdfast.io.pages import populated_copy
 
 from .targets import text_targets, unet_targets
 
@@ -354,12 +355,13 @@ class LoraStack:
                 continue
             if key not in self._originals:        # first touch: keep the original untouched
                 if self.in_place:
-                    self._originals[key] = param.data.clone()
+                    self._originals[key] = populated_copy(param.data)
                 else:                             # (the loader's mmap stays as it is)
                     self._originals[key] = param.data
-                    param.data = param.data.clone()
+                    param.data = populated_copy(param.data)
+            else:                                 # (a first touch's copy is the original)
+                param.data.copy_(self._originals[key])
             weight = param.data
-            weight.copy_(self._originals[key])
             for rows, entries in _by_rows(active[key]).items():
                 _merge(weight if rows is None else weight[rows[0]:rows[1]], entries)
 

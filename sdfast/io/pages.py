@@ -19,9 +19,11 @@ import os
 import sys
 
 import numpy as np
+import torch
 
 PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = 4
+_MADV_POPULATE_READ, _MADV_POPULATE_WRITE = 22, 23
 _PRESENT, _SWAPPED, _FILE = 1 << 63, 1 << 62, 1 << 61
 _libc = None
 
@@ -51,12 +53,27 @@ def _releasable(first_page, count, pagemap):
     return (present & file) | (~present & ~swapped), present
 
 
-def _madvise(addr, length):
+def _madvise(addr, length, advice=_MADV_DONTNEED):
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return _libc.madvise(addr, length, _MADV_DONTNEED) == 0
+    return _libc.madvise(addr, length, advice) == 0
+
+
+def populated_copy(t):
+    """A copy of the CPU tensor `t` in new memory whose pages are mapped in one call
+    (`MADV_POPULATE_WRITE`, Linux 5.14+) before the copy writes them, and whose source pages
+    are mapped the same way (`MADV_POPULATE_READ`): the copy then runs without a page fault per
+    4 KiB (the faults made a clone of LoRA-touched weights several times slower than the copy
+    itself). Elsewhere, or where the kernel refuses the advice, a plain copy."""
+    out = torch.empty_like(t, memory_format=torch.preserve_format)
+    if sys.platform.startswith("linux") and t.device.type == "cpu" and t.nbytes >= 16 * PAGE:
+        for tensor, advice in ((t, _MADV_POPULATE_READ), (out, _MADV_POPULATE_WRITE)):
+            start = tensor.untyped_storage().data_ptr()
+            first = start // PAGE * PAGE
+            _madvise(first, start + tensor.untyped_storage().nbytes() - first, advice)
+    return out.copy_(t)
 
 
 def _runs(mask):
@@ -88,4 +105,4 @@ def release_pages(*modules):
     return released
 
 
-__all__ = ["release_pages"]
+__all__ = ["release_pages", "populated_copy"]
