@@ -227,7 +227,10 @@ def test_contradictory_options_are_refused(base, tmp_path):
                           ({"text_encoder_lr": 1e-4}, "needs train_text_encoder"),
                           ({"optimizer": "lion"}, "optimizer must be one of"),
                           ({"lr_warmup_steps": 5}, "needs a scheduler with warmup"),
-                          ({"max_train_steps": 0}, "max_train_steps")]:
+                          ({"max_train_steps": 0}, "max_train_steps"),
+                          ({"min_timestep": -1}, "min_timestep"),
+                          ({"min_timestep": 500, "max_timestep": 500}, "must be above"),
+                          ({"min_timestep": 1000}, "leaves no timestep")]:
         with pytest.raises(SdfastError, match=words):
             train_finetune(*args, **{"progress": False, **kwargs})
 
@@ -323,3 +326,21 @@ def test_latents_cached_to_disk_are_reused(base, run_a, tmp_path, monkeypatch):
     assert calls == [] and second.losses == memory.losses
     assert sorted(cache.glob("*.safetensors")) == files
     assert not (tmp_path / "e" / "latent-cache").exists()
+
+
+def test_timestep_range_limits_the_drawn_timesteps(base, tmp_path, monkeypatch):
+    # kohya's --min_timestep / --max_timestep: every drawn timestep in [min, max)
+    from sdfast.train.objectives import DiffusionObjective
+
+    seen = []
+    real = DiffusionObjective.forward
+
+    def spy(self, latents, input_ids, noise, timesteps, *args, **kwargs):
+        seen.append(timesteps.clone())
+        return real(self, latents, input_ids, noise, timesteps, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionObjective, "forward", spy)
+    train_finetune(base / "tiny.safetensors", base / "data.toml", tmp_path / "r", "t",
+                   min_timestep=900, max_timestep=910, **dict(FAST, max_train_steps=3))
+    drawn = torch.cat(seen)
+    assert len(drawn) >= 3 and int(drawn.min()) >= 900 and int(drawn.max()) < 910

@@ -1,6 +1,7 @@
 """The built-in model's training recipe: `python -m sdfast.builtin.recipe OUT_DIR [--seed 0]`.
 
-From nothing to the shipped checkpoint on 2 CPU cores (about two hours):
+From nothing to the shipped checkpoint on 2 CPU cores (about 75 minutes with one torch thread,
+the machine's other core busy; `OMP_NUM_THREADS=1` is the better setting on a shared machine):
 1. generate the shapes training set (held-out combinations excluded) as a kohya folder;
 2. write the random starting checkpoint of the built-in architecture;
 3. `sdfast train finetune --train-vae`: the VAE alone, as an autoencoder, with extra loss weight
@@ -130,7 +131,8 @@ def run(out_dir, seed=0, settings=FULL, progress=True):
                           max_train_steps=s["unet_steps"], learning_rate=s["unet_lr"],
                           min_snr_gamma=s["min_snr_gamma"], lr_scheduler="cosine",
                           lr_warmup_steps=min(100, s["unet_steps"] // 2), cache_latents=True,
-                          latents="mean", seed=seed, progress=progress)
+                          latents="mean", seed=seed, progress=progress,
+                          save_every_n_steps=max(1, s["unet_steps"] // 6))
     times["unet+text"] = time.perf_counter() - start
 
     parts = load_components(unet.output)

@@ -59,6 +59,10 @@ def _add_common(p, d):
     p.add_argument("--noise-offset", type=_number(float, 0), default=d["noise_offset"])
     p.add_argument("--min-snr-gamma", type=_number(float, 0, False), default=None,
                    help="Min-SNR loss weighting (5 is the paper's value)")
+    p.add_argument("--min-timestep", type=_number(int, 0), default=0,
+                   help="train on timesteps from this one (kohya's --min_timestep)")
+    p.add_argument("--max-timestep", type=_number(int, 1), default=None,
+                   help="and below this one (default: all 1000)")
     p.add_argument("--cache-latents", action="store_true",
                    help="encode every image once, keep the latents in memory")
     p.add_argument("--cache-latents-to-disk", nargs="?", const=True, default=False,

@@ -41,7 +41,7 @@ _CACHE_TAG = 1          # first word of the latent cache's generator seeds
 COMMON_SETTINGS = ("seed", "learning_rate", "lr_scheduler", "lr_warmup_steps", "optimizer",
                    "weight_decay", "max_grad_norm", "mixed_precision",
                    "gradient_accumulation_steps", "noise_offset", "cache_latents", "latents",
-                   "min_snr_gamma")
+                   "min_snr_gamma", "min_timestep", "max_timestep")
 
 
 @dataclass
@@ -92,6 +92,12 @@ def check_common_options(o):
         o["cache_latents"] = True
     if o["min_snr_gamma"] is not None:
         positive("min_snr_gamma", o["min_snr_gamma"], float)
+    positive("min_timestep", o["min_timestep"], allow_zero=True)
+    if o["max_timestep"] is not None:
+        positive("max_timestep", o["max_timestep"])
+        if o["max_timestep"] <= o["min_timestep"]:
+            raise SdfastError(f"max_timestep ({o['max_timestep']}) must be above min_timestep "
+                              f"({o['min_timestep']})")
 
 
 def diffusion_objective(parts, o, **kwargs):
@@ -297,6 +303,9 @@ class Method:
                              folder=folder, vae_key=model_key(o["model"]))
                  if o["cache_latents"] else None)
         steps, device, vae = len(ModelSampling().alphas_cumprod), acc.device, parts.vae
+        low, high = o["min_timestep"], min(o["max_timestep"] or steps, steps)
+        if low >= high:
+            raise SdfastError(f"min_timestep {low} leaves no timestep below {high}")
         prior, has_reg = o.get("prior_loss_weight", 1.0), data.has_reg
 
         def loss(batch, inputs, generator):
@@ -311,7 +320,7 @@ class Method:
             if o["noise_offset"]:
                 noise += o["noise_offset"] * torch.randn(*latents.shape[:2], 1, 1,
                                                          generator=generator)
-            timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator)
+            timesteps = torch.randint(low, high, (latents.shape[0],), generator=generator)
             extra = {k: v.to(device) for k, v in text.items()}
             if has_reg:
                 extra["weights"] = torch.tensor(

@@ -268,7 +268,7 @@ def train_lora(model, dataset_config, output_dir, output_name, *, max_train_step
                weight_decay=0.01, max_grad_norm=1.0, mixed_precision="no",
                gradient_checkpointing=False, gradient_accumulation_steps=1,
                save_every_n_steps=None, save_precision="fp32", seed=0, resume=None,
-               noise_offset=0.0, min_snr_gamma=None, network_dim=4, network_alpha=1.0,
+               noise_offset=0.0, min_snr_gamma=None, min_timestep=0, max_timestep=None, network_dim=4, network_alpha=1.0,
                conv_dim=None, conv_alpha=1.0, unet_lr=None, text_encoder_lr=None,
                network_train_unet_only=False, network_train_text_encoder_only=False,
                prior_loss_weight=1.0, training_comment=None, cache_latents=False,
