@@ -12,6 +12,8 @@ Only the given instances change; diffusers' classes and every other instance sta
   `forward` does both, the SiLU's instance `forward` passes its input through;
 - every other `nn.GroupNorm` (transformer input norms, the VAE attention's norm, ...): its
   instance `forward` calls `sdfast.ops.group_norm`;
+- every `nn.Conv2d` with groups and dilation 1 and numeric zero padding (all of SD's): its
+  instance `forward` calls `sdfast.ops.conv2d` (on the cpu backend, Winograd for 3x3 stride 1);
 - `Attention` modules whose processor is diffusers' `AttnProcessor2_0` (the default on torch 2)
   or `AttnProcessor` with the default scale: `attn.set_processor(SdfastAttnProcessor())`, which
   computes what AttnProcessor2_0 computes with `sdfast.ops.attention` (scaled dot-product
@@ -101,6 +103,10 @@ def _identity_forward(self, x):
     return x
 
 
+def _conv_forward(self, x):
+    return ops.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+
+
 def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
     """diffusers `ResnetBlock2D.forward` (time_embedding_norm "default") with fused norms."""
     h = _norm(self.norm1, input_tensor, silu=True)
@@ -124,7 +130,8 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
     return (input_tensor + h) / self.output_scale_factor
 
 
-_FORWARDS = (_group_norm_forward, _group_norm_silu_forward, _identity_forward, _resnet_forward)
+_FORWARDS = (_group_norm_forward, _group_norm_silu_forward, _identity_forward, _resnet_forward,
+             _conv_forward)
 
 
 class Accelerated:
@@ -133,7 +140,7 @@ class Accelerated:
     def __init__(self, modules):
         self.modules = modules
         self.counts = {"resnet": 0, "group_norm_silu": 0, "group_norm": 0, "attention": 0,
-                       "attention_skipped": 0}
+                       "attention_skipped": 0, "conv": 0}
 
     def undo(self):
         """Restore every changed instance; returns the number of instances restored."""
@@ -206,6 +213,11 @@ def _swap_one(module, counts):
     elif type(module) is torch.nn.GroupNorm:
         _set_forward(module, _group_norm_forward)
         counts["group_norm"] += 1
+    elif type(module) is torch.nn.Conv2d:
+        if (module.groups == 1 and module.dilation == (1, 1) and module.padding_mode == "zeros"
+                and not isinstance(module.padding, str)):
+            _set_forward(module, _conv_forward)
+            counts["conv"] += 1
     elif isinstance(module, Attention):
         processor = module.processor
         default_scale = module.scale == (module.inner_dim // module.heads) ** -0.5

@@ -91,7 +91,7 @@ def test_constraints_are_enforced(spy, monkeypatch):
 
 @pytest.mark.skipif(not HAS_CPU, reason="sdfast._C not built")
 def test_auto_selection_by_device_dtype_and_speed():
-    big = torch.randn(2, 64, 16, 16)
+    big = torch.randn(2, 64, 64, 64)        # above the threshold at any thread count
     w, b = torch.ones(64), torch.zeros(64)
     assert registry.select("group_norm", (big, 32, w, b, 1e-5, False, None))[0] == "cpu"
     # where bench/kernels.py measured the cpu kernel slower than torch, auto picks torch ...
@@ -106,6 +106,8 @@ def test_auto_selection_by_device_dtype_and_speed():
     assert registry.select("attention", (q, q, q))[0] == "cpu"             # one key block
     q = torch.randn(1, 2, 600, 8)
     assert registry.select("attention", (q, q, q))[0] == "reference"       # long self-attention
+    q = torch.randn(1, 2, 64, 160)
+    assert registry.select("attention", (q, q, q))[0] == "reference"       # head dim 160
     wt = torch.zeros(8, 8)
     assert registry.select("lora_merge", (wt, [torch.zeros(8, 2)], [torch.zeros(2, 8)], [1.0]))[0] == "cpu"
 

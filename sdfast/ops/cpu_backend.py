@@ -73,20 +73,31 @@ def supports_group_norm(x, num_groups, weight, bias, eps, silu, add):
 #   at least twice the patch copy's elements (the UNet's 640- and 1280-channel ones), 0.3-0.9x
 #   elsewhere (the VAE encoder's, the UNet's first).
 GN_MIN_NUMEL = 32768
+# With more than one thread torch's group norm splits the work too, and the cpu kernel's lead
+# starts later: measured with 2 threads (bench/results/cpu-sd15-kernels.json, quiet machine)
+# 1.5-1.7x from 327 K elements, even at 164 K, 0.6x at 41 K.
+GN_MIN_NUMEL_THREADED = 262144
 CONV_MIN_CHANNELS = 16
 CONV_GEMM_MIN_WEIGHT_PER_PATCH = 2
 ATTN_MAX_KEYS = 512          # the kernel's one-key-block limit (csrc/cpu/attention.cpp kWholeKV)
 ATTN_MAX_HEAD_DIM_AVX2 = 48
+# The quiet 2-thread run (bench/results/cpu-sd15-kernels.json) with AVX-512: cross-attention
+# (77 keys) 2.1x at head dim 40, 1.45x at 80, 0.8x at 160; self-attention with one key block
+# 0.87x (256 keys, D 80) and 0.65x (64 keys, D 160): the kernel runs up to two prompt chunks of
+# keys and head dim 80.
+ATTN_MAX_KEYS_AUTO = 160
+ATTN_MAX_HEAD_DIM = 80
 
 
 def faster_group_norm(x, num_groups, weight, bias, eps, silu, add):
-    return x.numel() >= GN_MIN_NUMEL
+    return x.numel() >= (GN_MIN_NUMEL if torch.get_num_threads() == 1 else GN_MIN_NUMEL_THREADED)
 
 
 def faster_attention(q, k, v):
-    if k.shape[-2] > ATTN_MAX_KEYS:
+    if k.shape[-2] > ATTN_MAX_KEYS_AUTO:
         return False
-    return _C.cpu_isa() == "avx512" or q.shape[-1] <= ATTN_MAX_HEAD_DIM_AVX2
+    limit = ATTN_MAX_HEAD_DIM if _C.cpu_isa() == "avx512" else ATTN_MAX_HEAD_DIM_AVX2
+    return q.shape[-1] <= limit
 
 
 def faster_lora_merge(weight, ups, downs, scales):
