@@ -274,3 +274,14 @@ def test_custom_op_checks_gradients_and_compile(backend):
                              backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, w, b), ops.conv2d(x, w, b, 1, 1, backend=backend))
+
+
+def test_meta_tensors_and_autocast_take_the_plain_convolution():
+    # meta tensors (FLOP counting, shape checks) have no autocast state: shapes only
+    x, w = torch.empty(2, 32, 9, 7, device="meta"), torch.empty(16, 32, 3, 3, device="meta")
+    assert ops.conv2d(x, w, padding=1).shape == (2, 16, 9, 7)
+    # under CPU autocast torch's convolution casts the inputs; the result is bf16 as F.conv2d's
+    x, w, b = torch.randn(2, 32, 9, 7), torch.randn(16, 32, 3, 3), torch.randn(16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = ops.conv2d(x, w, b, padding=1), F.conv2d(x, w, b, padding=1)
+    assert out.dtype == ref.dtype == torch.bfloat16 and torch.equal(out, ref)

@@ -40,6 +40,15 @@ def _exporting():
     return torch.onnx.is_in_onnx_export()
 
 
+def _autocast(device_type):
+    """True inside an autocast region for this device type (devices without autocast, such as
+    meta, never are)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def group_norm(x, num_groups, weight, bias, eps=1e-5, silu=False, add=None, backend=None):
     """GroupNorm over `[B, C, *]` (contiguous or channels-last), optionally with `add`
     (`[B, C]`, or `[B, C, 1, 1]`) added before the norm and SiLU applied after it."""
@@ -164,7 +173,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, add=None, backend=None):
     if add is not None and tuple(add.shape) != (x.shape[0], weight.shape[0], *out_hw):
         raise SdfastError(f"conv2d: add has shape {tuple(add.shape)}, expected the output's "
                           f"{(x.shape[0], weight.shape[0], *out_hw)}")
-    if _exporting() or torch.is_autocast_enabled(x.device.type):
+    if _exporting() or _autocast(x.device.type):
         # ONNX graphs hold the plain convolution; under autocast (mixed-precision training)
         # torch's convolution casts its inputs to the autocast dtype, a custom op would not.
         return conv2d_ref(x, weight, bias, stride, padding, add)
