@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .errors import SdfastError
+from .models.layers import plain_conv
 
 _COMPONENTS = ("unet", "vae", "controlnet")
 
@@ -213,11 +214,9 @@ def _swap_one(module, counts):
     elif type(module) is torch.nn.GroupNorm:
         _set_forward(module, _group_norm_forward)
         counts["group_norm"] += 1
-    elif type(module) is torch.nn.Conv2d:
-        if (module.groups == 1 and module.dilation == (1, 1) and module.padding_mode == "zeros"
-                and not isinstance(module.padding, str)):
-            _set_forward(module, _conv_forward)
-            counts["conv"] += 1
+    elif type(module) is torch.nn.Conv2d and plain_conv(module):
+        _set_forward(module, _conv_forward)
+        counts["conv"] += 1
     elif isinstance(module, Attention):
         processor = module.processor
         default_scale = module.scale == (module.inner_dim // module.heads) ** -0.5

@@ -25,6 +25,13 @@ def norm(module, x, silu=False, add=None):
                       silu=silu, add=add)
 
 
+def plain_conv(conv):
+    """True when the `nn.Conv2d` is one `sdfast.ops.conv2d` computes: groups and dilation 1,
+    numeric zero padding."""
+    return (conv.groups == 1 and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str))
+
+
 class Conv2d(nn.Conv2d):
     """`nn.Conv2d` (the same parameters, so the same checkpoint keys) run through
     `sdfast.ops.conv2d`, which may pick a faster backend (cpu: Winograd for 3x3) and fuses
@@ -33,8 +40,7 @@ class Conv2d(nn.Conv2d):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros" or \
-                isinstance(self.padding, str):
+        if not plain_conv(self):
             raise ValueError("sdfast's Conv2d takes groups=1, dilation=1 and numeric zero padding")
 
     def forward(self, x, add=None):
