@@ -431,8 +431,7 @@ class Pipeline:
         if self.release_weights and self.device.type == "cpu":
             from .io.pages import release_pages
 
-            # Only torch modules hold file-mapped weights; the export backends' stages do not.
-            release_pages(*(m for m in modules if isinstance(m, torch.nn.Module)))
+            release_pages(*modules)
 
     def step_cache(self, interval, depth=None):
         """The `StepCache` that `generate(cache_interval=, cache_depth=)` uses, None when off;

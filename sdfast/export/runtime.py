@@ -189,6 +189,7 @@ class ExportedPipeline(Pipeline):
         self.manifest = manifest
         self.backend = backend
         self.controlnets = controlnets
+        self.release_weights = False    # the stages hold no file-mapped torch weights
 
     @property
     def model_hash(self):
