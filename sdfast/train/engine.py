@@ -92,12 +92,22 @@ def check_common_options(o):
         o["cache_latents"] = True
     if o["min_snr_gamma"] is not None:
         positive("min_snr_gamma", o["min_snr_gamma"], float)
-    positive("min_timestep", o["min_timestep"], allow_zero=True)
-    if o["max_timestep"] is not None:
-        positive("max_timestep", o["max_timestep"])
-        if o["max_timestep"] <= o["min_timestep"]:
-            raise SdfastError(f"max_timestep ({o['max_timestep']}) must be above min_timestep "
-                              f"({o['min_timestep']})")
+    timestep_range(o)
+
+
+def timestep_range(o):
+    """`[low, high)`: the training timesteps the run draws (`min_timestep`, `max_timestep`,
+    the latter capped at the schedule's length); bad values raise SdfastError."""
+    low, high = positive("min_timestep", o["min_timestep"], allow_zero=True), o["max_timestep"]
+    if high is not None:
+        positive("max_timestep", high)
+        if high <= low:
+            raise SdfastError(f"max_timestep ({high}) must be above min_timestep ({low})")
+    steps = len(ModelSampling().alphas_cumprod)
+    high = steps if high is None else min(high, steps)
+    if low >= high:
+        raise SdfastError(f"min_timestep {low} leaves no timestep below {high}")
+    return low, high
 
 
 def diffusion_objective(parts, o, **kwargs):
@@ -302,10 +312,7 @@ class Method:
         cache = (LatentCache(parts.vae, data, o["latents"], o["seed"], acc.device,
                              folder=folder, vae_key=model_key(o["model"]))
                  if o["cache_latents"] else None)
-        steps, device, vae = len(ModelSampling().alphas_cumprod), acc.device, parts.vae
-        low, high = o["min_timestep"], min(o["max_timestep"] or steps, steps)
-        if low >= high:
-            raise SdfastError(f"min_timestep {low} leaves no timestep below {high}")
+        (low, high), device, vae = timestep_range(o), acc.device, parts.vae
         prior, has_reg = o.get("prior_loss_weight", 1.0), data.has_reg
 
         def loss(batch, inputs, generator):
