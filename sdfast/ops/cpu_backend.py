@@ -60,11 +60,12 @@ def supports_group_norm(x, num_groups, weight, bias, eps, silu, add):
 # Where the cpu kernels beat the reference backend (what automatic selection would run
 # instead), as bench/kernels.py and the shapes measured them (bench/results/
 # kernels-cpu.json; fp32, AVX-512 and AVX2 builds on the same 2-core machine):
-# - group norm: from about 32 K elements (1.3-4x at SD1.5 ResBlock shapes; at 10 K elements
-#   about even, below that the fixed per-call cost loses to torch);
-# - attention with one key block (M <= 512: cross-attention, 77 x chunks keys): with AVX-512
-#   1.0-2x at every head dim; with AVX2 only up to head dim 48 (D 80-160: 0.7-0.9x);
-#   self-attention at SD lengths stays on torch's SDPA (0.8-1.1x);
+# - group norm, one thread: from about 32 K elements (1.3-4x at SD1.5 ResBlock shapes; at
+#   10 K elements about even, below that the fixed per-call cost loses to torch); threaded:
+#   see GN_MIN_NUMEL_THREADED;
+# - attention: the kernel wins with one key block (csrc/cpu/attention.cpp kWholeKV) at
+#   cross-attention shapes, up to head dim 80 with AVX-512, 48 with AVX2 (D 80-160:
+#   0.7-0.9x), see ATTN_MAX_KEYS_AUTO; self-attention at SD lengths stays on torch's SDPA;
 # - LoRA merge: always (the reference recomputes in fp32 copies; the kernel is one pass).
 # - conv2d, from 16 channels in and out (with fewer, the UNet's 4-channel and the VAE's RGB
 #   convs, 0.7-1.2x): 3x3 stride 1 (Winograd) 1.7-2.8x over oneDNN at every SD UNet and VAE
@@ -79,7 +80,6 @@ GN_MIN_NUMEL = 32768
 GN_MIN_NUMEL_THREADED = 262144
 CONV_MIN_CHANNELS = 16
 CONV_GEMM_MIN_WEIGHT_PER_PATCH = 2
-ATTN_MAX_KEYS = 512          # the kernel's one-key-block limit (csrc/cpu/attention.cpp kWholeKV)
 ATTN_MAX_HEAD_DIM_AVX2 = 48
 # The quiet 2-thread run (bench/results/cpu-sd15-kernels.json) with AVX-512: cross-attention
 # (77 keys) 2.1x at head dim 40, 1.45x at 80, 0.8x at 160; self-attention with one key block
