@@ -95,22 +95,20 @@ def run(out_dir, seed=0, settings=FULL, progress=True):
     init = init_checkpoint(out / "init.safetensors", seed=seed)
     times["data+init"] = time.perf_counter() - start
 
+    def vae_stage(model, folder, steps, lr, edge_weight, crop=None):
+        return train_finetune(model, out / "vae.toml", out / folder, "vae", train_vae=True,
+                              vae_crop=crop, vae_foreground_weight=s["vae_foreground_weight"],
+                              vae_edge_weight=edge_weight, max_train_steps=steps,
+                              learning_rate=lr, lr_scheduler="cosine",
+                              lr_warmup_steps=min(50, steps // 2), seed=seed, progress=progress)
+
     start = time.perf_counter()
-    crops = train_finetune(init, out / "vae.toml", out / "stage1-vae-crops", "vae", train_vae=True,
-                           vae_crop=s["vae_crop"], vae_foreground_weight=s["vae_foreground_weight"],
-                           vae_edge_weight=s["vae_crop_edge_weight"],
-                           max_train_steps=s["vae_crop_steps"], learning_rate=s["vae_crop_lr"],
-                           lr_scheduler="cosine", lr_warmup_steps=min(50, s["vae_crop_steps"] // 2),
-                           seed=seed, progress=progress)
+    crops = vae_stage(init, "stage1-vae-crops", s["vae_crop_steps"], s["vae_crop_lr"],
+                      s["vae_crop_edge_weight"], crop=s["vae_crop"])
     times["vae crops"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    vae = train_finetune(crops.output, out / "vae.toml", out / "stage1-vae", "vae", train_vae=True,
-                         vae_foreground_weight=s["vae_foreground_weight"],
-                         vae_edge_weight=s["vae_edge_weight"],
-                         max_train_steps=s["vae_steps"], learning_rate=s["vae_lr"],
-                         lr_scheduler="cosine", lr_warmup_steps=min(50, s["vae_steps"] // 2),
-                         seed=seed, progress=progress)
+    vae = vae_stage(crops.output, "stage1-vae", s["vae_steps"], s["vae_lr"], s["vae_edge_weight"])
     times["vae"] = time.perf_counter() - start
 
     start = time.perf_counter()
