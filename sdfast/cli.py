@@ -129,6 +129,7 @@ def _generate(args):
     args.model = resolve_model(args.model)
     _check_readable(args.init_image, "file")
     _check_readable(args.mask, "file")
+    _output_folder(args.output)
     loras = [_lora_arg(text) for text in args.lora]
     if args.lora_dir is not None and not os.path.isdir(args.lora_dir):
         raise SdfastError(f"{args.lora_dir}: no such LoRA folder")
@@ -169,6 +170,16 @@ def _generate(args):
     for index, prompt, paths in jobs or ():
         _render(pipe, args, controls, cache, prompt, args.seed + index, paths)
     return 0
+
+
+def _output_folder(output):
+    """Create the folder of the `-o` path (A1111 and ComfyUI create their output folders) before
+    any work; a path through a file, or a folder that cannot be made, is an error."""
+    folder = os.path.dirname(os.path.abspath(output))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise SdfastError(f"{output}: cannot create its folder ({exc.strerror})") from None
 
 
 def _render(pipe, args, controls, cache, prompt, seed, paths):

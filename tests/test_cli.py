@@ -127,6 +127,18 @@ def test_generate_writes_pngs_with_a1111_parameters_and_never_overwrites(tiny_mo
     assert out.read_bytes() != first
 
 
+def test_generate_creates_the_output_folder_and_refuses_a_path_through_a_file(tmp_path):
+    out = tmp_path / "new" / "deeper" / "o.png"
+    rc, stdout, err = run_cli(*GEN, "--steps", "1", "--quiet", "-o", str(out))
+    assert rc == 0, err
+    assert stdout.split() == [str(out)] and out.is_file()
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("keep me")
+    rc, _, err = run_cli(*GEN, "--steps", "1", "--quiet", "-o", str(blocker / "o.png"))
+    assert_one_line_error(rc, err, "cannot create its folder")
+    assert blocker.read_text() == "keep me"
+
+
 def test_generate_defaults_to_the_models_native_size(tmp_path):
     # No -W/-H: the built-in model is sampled at the 64x64 it was trained at, not at 512.
     from PIL import Image

@@ -13,7 +13,7 @@ from sdfast.models.vae import AutoencoderKL, VAEConfig
 from sdfast.sampling import ModelSampling
 from sdfast.train.objectives import (FOREGROUND_THRESHOLD, VAE_SCALE, DiffusionObjective,
                                      VAEObjective, foreground_crops, foreground_mask,
-                                     min_snr_weight, pixel_weights)
+                                     debiased_weight, min_snr_weight, pixel_weights)
 
 SPEC = ShapeSpec("circle", "red", "top left", "large", "blue")
 
@@ -96,7 +96,16 @@ def test_min_snr_weight():
     assert torch.allclose(min_snr_weight(a, 5.0, "v"), snr.clamp(max=5) / (snr + 1))
 
 
-def test_min_snr_objective_weights_each_item():
+def test_debiased_weight():
+    a = torch.tensor([0.9999999, 0.9, 0.5, 0.01])        # SNR ~1e7 (capped at 1000), 9, 1, ~0.0101
+    snr = (a / (1 - a)).clamp(max=1000)
+    assert torch.allclose(debiased_weight(a), torch.tensor([1000 ** -0.5, 1 / 3, 1.0, 0.01 ** -0.5 * 0.99 ** 0.5]),
+                          rtol=1e-4)
+    assert torch.allclose(debiased_weight(a, "v"), 1 / (snr + 1))
+
+
+@pytest.mark.parametrize("option", ["min_snr", "debiased", "both"])
+def test_loss_weighting_objective_weights_each_item(option):
     torch.manual_seed(0)
     unet_cfg, _, text_cfg = configs()
     unet, _, text = init_models(seed=1)
@@ -104,7 +113,9 @@ def test_min_snr_objective_weights_each_item():
         p.data.normal_(0, 0.02)
     alphas = ModelSampling().alphas_cumprod
     plain = DiffusionObjective(unet, text, alphas)
-    weighted = DiffusionObjective(unet, text, alphas, min_snr_gamma=5.0)
+    weighted = DiffusionObjective(unet, text, alphas,
+                                  min_snr_gamma=None if option == "debiased" else 5.0,
+                                  debiased_estimation=option != "min_snr")
     latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     ids = torch.zeros(2, 77, dtype=torch.long)
     t = torch.tensor([10, 900])
@@ -112,8 +123,15 @@ def test_min_snr_objective_weights_each_item():
         per = torch.stack([plain(latents[i:i + 1], ids[:1], noise[i:i + 1], t[i:i + 1])
                            for i in range(2)])
         got = weighted(latents, ids, noise, t)
-    w = min_snr_weight(alphas[t].float(), 5.0)
-    assert w[0] < 0.1 and w[1] == 1.0                   # t=10 is nearly clean: down-weighted
+    a = alphas[t].float()
+    snr = a / (1 - a)
+    w = torch.ones(2)
+    if option != "debiased":
+        w *= min_snr_weight(a, 5.0)
+        assert w[0] < 0.1 and w[1] == 1.0               # t=10 is nearly clean: down-weighted
+    if option != "min_snr":
+        w *= snr.rsqrt()                                  # t=900 (SNR 0.02): weight ~7
+        assert snr[1].rsqrt() > 5 and snr[0].rsqrt() < 0.5
     assert torch.allclose(got, (per * w).mean(), rtol=1e-4)
 
 
@@ -171,6 +189,10 @@ def test_loss_weightings_are_checked(tmp_path):
         train_finetune(model, config, tmp_path, "x", train_vae=True, min_snr_gamma=5.0)
     with pytest.raises(SdfastError, match="min_snr_gamma must be a positive number"):
         train_finetune(model, config, tmp_path, "x", min_snr_gamma=-1.0)
+    with pytest.raises(SdfastError, match="debiased_estimation_loss does not apply"):
+        train_finetune(model, config, tmp_path, "x", train_vae=True, debiased_estimation_loss=True)
+    with pytest.raises(SdfastError, match="debiased_estimation_loss must be True or False"):
+        train_finetune(model, config, tmp_path, "x", debiased_estimation_loss="yes")
     with pytest.raises(SdfastError, match="vae_edge_weight needs train_vae"):
         train_finetune(model, config, tmp_path, "x", vae_edge_weight=1.0)
     with pytest.raises(SdfastError, match="vae_crop needs train_vae"):

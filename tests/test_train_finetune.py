@@ -344,3 +344,24 @@ def test_timestep_range_limits_the_drawn_timesteps(base, tmp_path, monkeypatch):
                    min_timestep=900, max_timestep=910, **dict(FAST, max_train_steps=3))
     drawn = torch.cat(seen)
     assert len(drawn) >= 3 and int(drawn.min()) >= 900 and int(drawn.max()) < 910
+
+
+def test_cli_debiased_estimation_loss_reaches_the_objective(base, tmp_path, monkeypatch):
+    # kohya's --debiased_estimation_loss: the flag turns the weighting on in the objective
+    from sdfast.train.objectives import DiffusionObjective
+
+    flags = []
+    real = DiffusionObjective.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        flags.append(self.debiased_estimation)
+
+    monkeypatch.setattr(DiffusionObjective, "__init__", spy)
+    argv = ["finetune", "--model", str(base / "tiny.safetensors"), "--dataset-config",
+            str(base / "data.toml"), "--output-dir", str(tmp_path / "o"), "--output-name", "x",
+            "--max-train-steps", "1", "--cache-latents"]
+    assert train_main(argv) == 0
+    assert train_main([*argv[:5], "--output-dir", str(tmp_path / "p"), *argv[7:],
+                       "--debiased-estimation-loss"]) == 0
+    assert flags == [False, True]

@@ -59,6 +59,8 @@ def _add_common(p, d):
     p.add_argument("--noise-offset", type=_number(float, 0), default=d["noise_offset"])
     p.add_argument("--min-snr-gamma", type=_number(float, 0, False), default=None,
                    help="Min-SNR loss weighting (5 is the paper's value)")
+    p.add_argument("--debiased-estimation-loss", action="store_true",
+                   help="weight each timestep's loss by 1/sqrt(SNR) (kohya's option)")
     p.add_argument("--min-timestep", type=_number(int, 0), default=0,
                    help="train on timesteps from this one (kohya's --min_timestep)")
     p.add_argument("--max-timestep", type=_number(int, 1), default=None,

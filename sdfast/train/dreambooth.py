@@ -145,7 +145,8 @@ def train_dreambooth(model, dataset_config, output_dir, output_name, *, max_trai
                      optimizer="adamw", weight_decay=0.01, max_grad_norm=1.0, mixed_precision="no",
                      gradient_checkpointing=False, gradient_accumulation_steps=1,
                      save_every_n_steps=None, save_precision="fp32", seed=0, resume=None,
-                     noise_offset=0.0, min_snr_gamma=None, min_timestep=0, max_timestep=None, prior_loss_weight=1.0,
+                     noise_offset=0.0, min_snr_gamma=None, min_timestep=0, max_timestep=None,
+                     debiased_estimation_loss=False, prior_loss_weight=1.0,
                      num_class_images=100, class_sample_steps=20, train_text_encoder=False,
                      text_encoder_lr=None, cache_latents=False, cache_latents_to_disk=False,
                      latents="sample", num_workers=0, cpu=False, progress=True) -> TrainResult:

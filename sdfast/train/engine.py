@@ -41,7 +41,7 @@ _CACHE_TAG = 1          # first word of the latent cache's generator seeds
 COMMON_SETTINGS = ("seed", "learning_rate", "lr_scheduler", "lr_warmup_steps", "optimizer",
                    "weight_decay", "max_grad_norm", "mixed_precision",
                    "gradient_accumulation_steps", "noise_offset", "cache_latents", "latents",
-                   "min_snr_gamma", "min_timestep", "max_timestep")
+                   "min_snr_gamma", "min_timestep", "max_timestep", "debiased_estimation_loss")
 
 
 @dataclass
@@ -92,6 +92,9 @@ def check_common_options(o):
         o["cache_latents"] = True
     if o["min_snr_gamma"] is not None:
         positive("min_snr_gamma", o["min_snr_gamma"], float)
+    if not isinstance(o["debiased_estimation_loss"], bool):
+        raise SdfastError("debiased_estimation_loss must be True or False, got "
+                          f"{o['debiased_estimation_loss']!r}")
     timestep_range(o)
 
 
@@ -112,14 +115,16 @@ def timestep_range(o):
 
 def diffusion_objective(parts, o, **kwargs):
     """The method's `DiffusionObjective` on `parts` (the model's own prediction type and
-    schedule, the run's `min_snr_gamma`); `kwargs` go to `DiffusionObjective`."""
+    schedule, the run's `min_snr_gamma` and `debiased_estimation_loss`); `kwargs` go to
+    `DiffusionObjective`."""
     from ..sampling import ModelSampling
     from .objectives import DiffusionObjective
 
     prediction = parts.info.prediction
     return DiffusionObjective(parts.unet, parts.text_encoder,
                               ModelSampling(prediction=prediction).alphas_cumprod, prediction,
-                              min_snr_gamma=o["min_snr_gamma"], **kwargs)
+                              min_snr_gamma=o["min_snr_gamma"],
+                              debiased_estimation=o["debiased_estimation_loss"], **kwargs)
 
 
 def encode_latents(vae, pixels, mode, generators):

@@ -87,7 +87,8 @@ class Finetune(Method):
         check_choice("vae_loss", o["vae_loss"], VAE_LOSSES)
         check_text_encoder_lr(o)
         if o["train_vae"]:
-            for key in ("train_text_encoder", "cache_latents", "noise_offset", "min_snr_gamma"):
+            for key in ("train_text_encoder", "cache_latents", "noise_offset", "min_snr_gamma",
+                        "debiased_estimation_loss"):
                 if o[key] not in (None, False, 0):
                     raise SdfastError(f"train_vae trains only the VAE: {key} does not apply")
 
@@ -137,7 +138,8 @@ def train_finetune(model, dataset_config, output_dir, output_name, *, max_train_
                    optimizer="adamw", weight_decay=0.01, max_grad_norm=1.0, mixed_precision="no",
                    gradient_checkpointing=False, gradient_accumulation_steps=1,
                    save_every_n_steps=None, save_precision="fp32", seed=0, resume=None,
-                   noise_offset=0.0, min_snr_gamma=None, min_timestep=0, max_timestep=None, train_text_encoder=False,
+                   noise_offset=0.0, min_snr_gamma=None, min_timestep=0, max_timestep=None,
+                   debiased_estimation_loss=False, train_text_encoder=False,
                    text_encoder_lr=None, train_vae=False, vae_loss="l1", kl_weight=1e-6,
                    vae_foreground_weight=0.0, vae_edge_weight=0.0, vae_crop=None,
                    cache_latents=False, cache_latents_to_disk=False, latents="sample",

@@ -24,6 +24,11 @@ Two options for small data sets and small models:
   Strategy", kohya's `--min_snr_gamma`): each timestep's loss is weighted by
   `min(SNR(t), gamma) / SNR(t)` for eps models (`/ (SNR(t) + 1)` for v models), with
   `SNR(t) = a / (1 - a)`, so the many nearly-clean timesteps stop dominating the gradient.
+- `debiased_estimation` (kohya's `--debiased_estimation_loss`): each timestep's loss is weighted
+  by `1 / sqrt(SNR(t))` (`1 / (SNR(t) + 1)` for v models), SNR capped at 1000, on top of Min-SNR
+  when both are on. The eps loss counts an error in the predicted image `x_0` times `SNR(t)`,
+  which at the noisiest timesteps is 0.005: what decides an image's layout (where a shape goes)
+  then weighs a thousandth of the loss, and a small model never learns it from the text.
 - `foreground_weight` and `edge_weight` (autoencoder): pixels whose colour differs from the
   image's border colour (the per-channel median of the outermost pixel ring) by more than
   `FOREGROUND_THRESHOLD` in any channel get `foreground_weight` more weight, and pixels on the
@@ -69,9 +74,10 @@ class DiffusionObjective(nn.Module):
 
     def __init__(self, unet, text_encoder, alphas_cumprod, prediction="eps",
                  train_text_encoder=False, token_vectors=None, controlnet=None,
-                 min_snr_gamma=None):
+                 min_snr_gamma=None, debiased_estimation=False):
         super().__init__()
         self.min_snr_gamma = min_snr_gamma
+        self.debiased_estimation = debiased_estimation
         self.unet = unet
         self.text_encoder = text_encoder
         self.prediction = prediction
@@ -101,6 +107,9 @@ class DiffusionObjective(nn.Module):
         if self.min_snr_gamma is not None:
             snr_weights = min_snr_weight(a.float(), self.min_snr_gamma, self.prediction)
             weights = snr_weights if weights is None else weights * snr_weights
+        if self.debiased_estimation:
+            debiased = debiased_weight(a.float(), self.prediction)
+            weights = debiased if weights is None else weights * debiased
         if weights is None:
             return F.mse_loss(pred.float(), target.float())
         per_image = (pred.float() - target.float()).pow(2).flatten(1).mean(1)   # [B]
@@ -113,6 +122,13 @@ def min_snr_weight(alphas_cumprod, gamma, prediction="eps"):
     snr = alphas_cumprod / (1 - alphas_cumprod)
     clipped = snr.clamp(max=gamma)
     return clipped / snr if prediction == "eps" else clipped / (snr + 1)
+
+
+def debiased_weight(alphas_cumprod, prediction="eps"):
+    """Debiased-estimation loss weights `[B]` for timesteps with `alphas_cumprod` `[B]`
+    (module docstring)."""
+    snr = (alphas_cumprod / (1 - alphas_cumprod)).clamp(max=1000.0)
+    return snr.rsqrt() if prediction == "eps" else 1 / (snr + 1)
 
 
 def gaussian_kl(mean, logvar):

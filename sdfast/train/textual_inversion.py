@@ -152,7 +152,8 @@ def train_textual_inversion(model, dataset_config, output_dir, output_name, *, t
                             mixed_precision="no", gradient_checkpointing=False,
                             gradient_accumulation_steps=1, save_every_n_steps=None,
                             save_precision="fp32", seed=0, resume=None, noise_offset=0.0,
-                            min_snr_gamma=None, min_timestep=0, max_timestep=None, cache_latents=False, cache_latents_to_disk=False,
+                            min_snr_gamma=None, min_timestep=0, max_timestep=None,
+                            debiased_estimation_loss=False, cache_latents=False, cache_latents_to_disk=False,
                             latents="sample", num_workers=0, cpu=False,
                             progress=True) -> TrainResult:
     """Learn an embedding for `token_string` (which the captions must contain) on the kohya
