@@ -1,5 +1,6 @@
 """The built-in model: its architecture, and its training recipe end to end at toy scale."""
 import json
+from pathlib import Path
 
 import torch
 
@@ -17,7 +18,7 @@ def test_architecture_is_sd15_shaped_and_fits_30mb_in_fp16():
     assert params * 2 < 30e6
 
 
-def test_recipe_end_to_end_at_toy_scale(tmp_path):
+def test_recipe_end_to_end_at_toy_scale(tmp_path, monkeypatch):
     final = run(tmp_path / "run", seed=0, settings=SMOKE, progress=False)
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["settings"]["dataset_size"] == SMOKE["dataset_size"]
@@ -30,6 +31,43 @@ def test_recipe_end_to_end_at_toy_scale(tmp_path):
                if any(not torch.equal(a.half().float(), b) for a, b in
                       zip(getattr(init, name).parameters(), getattr(pipe, name).parameters()))]
     assert changed == ["unet", "vae", "text_encoder"]              # every stage trained its part
+    check_resume_runs_only_the_unfinished_stages(tmp_path / "run", monkeypatch)
+
+
+def check_resume_runs_only_the_unfinished_stages(out, monkeypatch):
+    import shutil
+
+    from sdfast.builtin import recipe
+    from sdfast.train import finetune
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    def model(path=out / "sdfast-shapes.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            return load_file(str(path)), f.metadata()
+
+    first = model()
+    kept = {p: p.stat().st_mtime_ns for p in out.glob("stage[123]*/*.safetensors")}
+    assert {p.parent.name for p in kept} == {"stage1-vae", "stage1-vae-crops", "stage2-unet",
+                                             "stage3-layout"}
+    shutil.rmtree(out / "stage4-recover")
+    assert recipe.main([str(out), "--smoke"]) == 2                  # not empty: refused
+    calls = []
+    real = finetune.run_method
+
+    def spy(method, o):
+        calls.append(Path(o["output_dir"]).name)
+        return real(method, o)
+
+    monkeypatch.setattr(finetune, "run_method", spy)
+    run(out, seed=0, settings=SMOKE, progress=False, resume=True)
+    assert calls == ["stage4-recover"]
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept          # earlier stages untouched
+    second = model()
+    assert second[1] == first[1], (first[1], second[1])
+    assert first[0].keys() == second[0].keys()
+    assert all(torch.equal(first[0][k], second[0][k]) for k in first[0])   # the same model again
 
 
 def test_random_start_text_encoder_tells_prompts_apart():
@@ -46,3 +84,4 @@ def test_random_start_text_encoder_tells_prompts_apart():
     assert (context[0, :word] == context[1, :word]).all()          # causal: earlier tokens equal
     diff = (context[0, word:] - context[1, word:]).abs().mean() / context.std()
     assert diff > 0.05, float(diff)
+
