@@ -56,26 +56,37 @@ def _git_commit():
         return None
 
 
-def machine():
-    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "loadavg": os.getloadavg()}
+def machine(**extra):
+    """The machine a result was measured on (platform, CPU, threads, the CPU kernels' ISA, the
+    GPU when there is one), plus `extra`."""
+    info = {"platform": platform.platform(), "processor": platform.processor(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "loadavg": os.getloadavg()}
+    try:
+        from sdfast import _C
+        info["cpu_kernels_isa"] = _C.cpu_isa()
+    except (ImportError, AttributeError):
+        info["cpu_kernels_isa"] = None
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
-    return info
+    return {**info, **extra}
 
 
-def write_result(out, script, argv, body):
-    """Write `body` with the command, machine, versions and date to `out` (JSON)."""
+def write_result(out, script, argv, body, machine_info=None, versions=None):
+    """Write `body` with the command, machine, versions (torch, sdfast, commit, and `versions`)
+    and date to `out` (JSON); returns the whole record."""
     import sdfast
 
+    argv = sys.argv[1:] if argv is None else argv
     result = {"command": f"python bench/{script} " + " ".join(argv),
-              "machine": machine(),
+              "machine": machine_info or machine(),
               "versions": {"torch": torch.__version__, "sdfast": sdfast.__version__,
-                           "commit": _git_commit()},
+                           "python": platform.python_version(), "commit": _git_commit(),
+                           **(versions or {})},
               "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), **body}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(out)
+    print(f"wrote {out}")
     return result

@@ -16,20 +16,16 @@ own choice). On a machine shared with other jobs use `--threads 1`: torch's Open
 spin-wait when the cores are oversubscribed and its times then grow many-fold.
 """
 import argparse
-import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import _record  # noqa: E402  (puts the repository on sys.path)
+from _record import ROOT  # noqa: E402
 
 import sdfast  # noqa: E402
 from sdfast.export import export_onnx  # noqa: E402
@@ -97,20 +93,11 @@ def main(argv=None):
         rows = []
         for size in (int(s) for s in args.sizes.split(",")):
             rows += bench_size(pt, po, size, args.steps, args.repeats)
-    result = {
-        "command": "python bench/export.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(),
-                    "onnxruntime_threads": args.threads or "default",
-                    "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
-        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-                     "sdfast": sdfast.__version__},
+    _record.write_result(args.out, "export.py", argv, {
         "model": args.model or "built-in (sdfast-shapes)", "export_s": export_s,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "rows": rows,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(args.out)
+        "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "rows": rows},
+        _record.machine(onnxruntime_threads=args.threads or "default"),
+        versions={"onnxruntime": onnxruntime.__version__})
 
 
 if __name__ == "__main__":

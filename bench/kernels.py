@@ -21,18 +21,15 @@ machine (its load average before and after, the CPU kernels' instruction set) an
 version, as JSON.
 """
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import _record  # noqa: E402  (puts the repository on sys.path)
+from _record import ROOT  # noqa: E402
 
 from sdfast import ops  # noqa: E402
 from sdfast.bench import kernels as K  # noqa: E402
@@ -106,18 +103,6 @@ def _describe(row):
     return f"{row['op']} {layout} {shape if shape is not None else ''}".strip()
 
 
-def _machine(device):
-    info = {"platform": platform.platform(), "processor": platform.processor(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "device": (torch.cuda.get_device_name() if device == "cuda" else "cpu")}
-    try:
-        from sdfast import _C
-        info["cpu_kernels_isa"] = _C.cpu_isa()
-    except (ImportError, AttributeError):
-        info["cpu_kernels_isa"] = None
-    return info
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -150,17 +135,12 @@ def main(argv=None):
         speed = ", ".join(f"{name} {r['speedup']:.2f}x" for name, r in row["backends"].items()
                           if name != "reference")
         print(f"{_describe(row):70s} baseline {row['baseline_s'] * 1e3:8.2f} ms  {speed}")
-    result = {
-        "machine": _machine(args.device),
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    _record.write_result(out, "kernels.py", argv, {
         "load_average": {"before": load_before, "after": os.getloadavg()},
-        "torch": torch.__version__, "dtype": str(dtype), "rounds": args.rounds,
+        "dtype": str(dtype), "rounds": args.rounds,
         "timing": f"interleaved rounds, {args.clock} clock; speedup = median per-round baseline_s / s",
-        "note": args.note, "quick": args.quick, "command": " ".join(["python", "bench/kernels.py", *(argv or sys.argv[1:])]),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "rows": rows,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+        "note": args.note, "quick": args.quick, "rows": rows}, _record.machine(device=device))
     return 0
 
 

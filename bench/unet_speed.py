@@ -28,9 +28,7 @@ to the time a busy machine takes the core away. The load average is recorded bef
 """
 import argparse
 import collections
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -44,6 +42,7 @@ for path in (ROOT, ROOT / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+import _record  # noqa: E402
 from _diffusers_models import make_unet  # noqa: E402
 from sdfast.bench.kernels import sgemm_gflops  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
@@ -230,23 +229,6 @@ def bench_profile(args, clock):
 
 # --- report ----------------------------------------------------------------------------------
 
-def _machine():
-    info = {"platform": platform.platform(), "processor": platform.processor(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    try:
-        from sdfast import _C
-        info["cpu_kernels_isa"] = _C.cpu_isa()
-    except (ImportError, AttributeError):
-        info["cpu_kernels_isa"] = None
-    return info
-
-
-def _versions():
-    import diffusers
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__,
-            "python": platform.python_version()}
-
-
 def _print(result):
     for suite in ("step", "image"):
         if suite not in result:
@@ -289,19 +271,17 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown suite(s) {sorted(unknown)}")
     out = Path(args.out or ROOT / "bench" / "results" / "unet-speed-cpu.json")
-    result = {"machine": _machine(), "versions": _versions(), "dtype": "float32",
-              "load_average": {"before": os.getloadavg()},
-              "timing": f"interleaved rounds, {args.clock} clock; speed-up = median per-round ratio",
-              "command": " ".join(["python", "bench/unet_speed.py", *(argv or sys.argv[1:])]),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    import diffusers
+
+    result = {"dtype": "float32", "load_average": {"before": os.getloadavg()},
+              "timing": f"interleaved rounds, {args.clock} clock; speed-up = median per-round ratio"}
     for suite, fn in (("step", bench_step), ("profile", bench_profile), ("image", bench_image)):
         if suite in suites:
             result[suite] = fn(args, clock)
             result["load_average"]["after_" + suite] = os.getloadavg()
     _print(result)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    _record.write_result(out, "unet_speed.py", argv, result,
+                         versions={"diffusers": diffusers.__version__})
     return 0
 
 
