@@ -332,3 +332,30 @@ def test_meta_construction_has_only_checkpoint_keys():
     assert not list(model.buffers())
     assert model.state_dict().keys() == dict(model.named_parameters()).keys()
     assert all(p.is_meta for p in model.parameters())
+
+
+def test_row_chunked_transformer_block_equals_the_whole_block(monkeypatch):
+    # CPU inference runs a block's row-local part (cross-attention, feed-forward) in chunks of
+    # tokens; each token's result must not depend on the chunking. 300 tokens at batch 2: chunks
+    # of 32 tokens, the last one short.
+    import sdfast.models.unet as U
+
+    torch.manual_seed(0)
+    block = U.BasicTransformerBlock(64, 2, 32, 48).eval()
+    x, context = torch.randn(2, 300, 64), torch.randn(2, 77, 48)
+    chunks = []
+    real = U.BasicTransformerBlock._row_local
+    monkeypatch.setattr(U.BasicTransformerBlock, "_row_local",
+                        lambda self, x, c: chunks.append(x.shape[1]) or real(self, x, c))
+    with torch.inference_mode():
+        monkeypatch.setattr(U, "ROW_CHUNK_ROWS", 64)
+        chunked = block(x, context)
+        assert chunks == [32] * 9 + [12]
+        monkeypatch.setattr(U, "ROW_CHUNK_ROWS", 10 ** 9)
+        whole = block(x, context)
+        assert chunks[-1] == 300
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+    x.requires_grad_(True)                               # training: never chunked
+    monkeypatch.setattr(U, "ROW_CHUNK_ROWS", 64)
+    block(x, context).sum().backward()
+    assert chunks[-1] == 300 and x.grad is not None

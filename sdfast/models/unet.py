@@ -225,8 +225,35 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x, context):
         x = x + self.attn1(self.norm1(x))
+        tokens = _row_chunk(x)
+        if tokens is None:
+            return self._row_local(x, context)
+        out = torch.empty_like(x)
+        for i in range(0, x.shape[1], tokens):
+            out[:, i:i + tokens] = self._row_local(x[:, i:i + tokens], context)
+        return out
+
+    def _row_local(self, x, context):
+        """The part of the block where each token needs only itself (and the context)."""
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
+
+
+# Rows (batch x tokens) per chunk of a transformer block's row-local part (cross-attention and
+# feed-forward) in CPU inference: the chunk's intermediates, up to 10 KB a row in the
+# feed-forward, stay in the core's L2 cache instead of streaming through memory.
+ROW_CHUNK_ROWS = 512
+
+
+def _row_chunk(x):
+    """Tokens per chunk for `x` `[B, N, C]`, or None to run the block's rows whole (GPU,
+    training, tracing and export, or too few tokens to gain)."""
+    tokens = max(16, ROW_CHUNK_ROWS // x.shape[0])
+    if (x.device.type != "cpu" or x.shape[1] < 2 * tokens
+            or (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling()
+            or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+        return None
+    return tokens
 
 
 class SpatialTransformer(nn.Module):
