@@ -19,7 +19,7 @@ run unet --resolution 256 --batch 2 --repeats 5 \
 $PY -m sdfast bench --arch sd15 --suite unet --resolution 256 --batch 1 --repeats 5 --overwrite \
     --compare diffusers,diffusers-accelerated,torch-reference,onnxruntime \
     --json bench/results/cpu-sd15-unet-batch1.json --plot bench/results/cpu-sd15-unet-batch1.png "$@"
-run e2e --resolution 512 --steps "${E2E_STEPS:-20}" --repeats 2 --cache-interval 3 \
+run e2e --resolution 512 --steps "${E2E_STEPS:-20}" --repeats 2 --cache-interval 3 --cache-depth 1 \
     --compare diffusers "$@"
 run lora --repeats 5 "$@"
 run load --repeats 5 "$@"

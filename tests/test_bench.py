@@ -166,12 +166,14 @@ def test_accelerated_diffusers_and_step_caching_rows(capsys, work_dir, tmp_path,
     out_json = tmp_path / "run.json"
     rc, out, err = _bench(capsys, work_dir, "--suite", "unet,e2e", "--resolution", "64",
                           "--steps", "2", "--repeats", "1", "--warmup", "0", "--cache-interval", "2",
-                          "--compare", "diffusers,diffusers-accelerated", "--json", str(out_json))
+                          "--cache-depth", "1", "--compare", "diffusers,diffusers-accelerated",
+                          "--json", str(out_json))
     assert rc == 0, err
     assert "| suite | measurement | sdfast | diffusers | diffusers-accelerated | goal |" in out
-    assert "| e2e | the same with step caching (cache_interval 2) |" in out
+    assert "| e2e | the same with step caching (cache_interval 2, cache_depth 1) |" in out
     record = json.loads(out_json.read_text())
     assert record["settings"]["cache_interval"] == 2 and "--cache-interval 2" in record["command"]
+    assert record["settings"]["cache_depth"] == 1 and "--cache-depth 1" in record["command"]
     unet, e2e, cached = record["rows"]
     check = unet["checks"]["diffusers-accelerated"]                # sdfast's ops inside diffusers
     assert check["max_abs_diff_vs_sdfast"] < 1e-4 * max(1.0, check["max_abs_sdfast"])
@@ -233,6 +235,7 @@ def test_a_child_reports_its_own_peak_memory_not_its_parents():
     (["--plot", "chart.jpg"], "the chart is a PNG file"),
     (["--cache-interval", "1"], "must be >= 2"),
     (["--suite", "unet", "--cache-interval", "2"], "--cache-interval: only the e2e suite uses it"),
+    (["--suite", "e2e", "--cache-depth", "1"], "--cache-depth needs --cache-interval"),
 ])
 def test_bad_flags_are_one_line_exit_2(capsys, tmp_path, args, message):
     rc = main(["bench", "--work-dir", str(tmp_path), *args])

@@ -49,6 +49,9 @@ def register(subparsers):
     p.add_argument("--cache-interval", type=_int_at_least(2), default=None, metavar="N",
                    help="e2e: also time sdfast's generate with step caching every N steps "
                         "(its speed-up over the uncached generate and its image's PSNR)")
+    p.add_argument("--cache-depth", type=_positive_int, default=None, metavar="D",
+                   help="with --cache-interval: the input blocks (and their output blocks) a cached step "
+                        "recomputes (generate's cache_depth; default: its default)")
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed rounds (default 3)")
     p.add_argument("--warmup", type=_int_at_least(0), default=1,
                    help="untimed rounds first (default 1; the load suite runs at least one)")
@@ -89,6 +92,8 @@ def check_args(args):
     args.baselines = [b for b in BASELINES if b in compare]
     if args.cache_interval is not None and "e2e" not in args.suites:
         raise SdfastError("--cache-interval: only the e2e suite uses it (add e2e to --suite)")
+    if args.cache_depth is not None and args.cache_interval is None:
+        raise SdfastError("--cache-depth needs --cache-interval")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -120,6 +125,8 @@ def command_line(args):
               "--threads", str(args.threads), "--seed", str(args.seed)]
     if args.cache_interval is not None:
         parts += ["--cache-interval", str(args.cache_interval)]
+    if args.cache_depth is not None:
+        parts += ["--cache-depth", str(args.cache_depth)]
     return shlex.join(parts)
 
 
@@ -162,13 +169,15 @@ def run(args, log):
               "machine": machine(args.device), "versions": versions(),
               "settings": {k: getattr(args, k) for k in ("device", "dtype", "resolution", "steps",
                                                          "batch", "repeats", "warmup", "threads", "seed",
-                                                         "suites", "baselines", "cache_interval")},
+                                                         "suites", "baselines", "cache_interval",
+                                                         "cache_depth")},
               "model": {"label": model.label, "family": model.family,
                         "prediction": model.prediction, "arch": args.arch,
                         "path": model.checkpoint}}
     bench = Bench(model, runtimes, unavailable, args.device, getattr(torch, DTYPES[args.dtype]),
                   args.resolution, args.steps, args.batch, args.repeats, args.warmup,
-                  args.work_dir, log, cache_interval=args.cache_interval)
+                  args.work_dir, log, cache_interval=args.cache_interval,
+                  cache_depth=args.cache_depth)
     rows = []
     for suite in args.suites:
         if suite in ("load", "memory"):

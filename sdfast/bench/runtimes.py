@@ -46,6 +46,7 @@ class Request:
     batch: int
     seed: int
     cache_interval: int = 1    # sdfast's step caching (1: off)
+    cache_depth: int | None = None
 
     def noise(self):
         import torch
@@ -93,7 +94,8 @@ class SdfastRuntime:
             return pipe.text_encoder(ids)
 
     def generate(self, pipe, req):
-        cache = {"cache_interval": req.cache_interval} if req.cache_interval != 1 else {}
+        cache = {} if req.cache_interval == 1 else {"cache_interval": req.cache_interval,
+                                                     "cache_depth": req.cache_depth}
         with self.ops_context():
             return pipe.generate(req.prompt, req.negative, width=req.width, height=req.height,
                                  steps=req.steps, cfg=req.cfg, sampler="euler",

@@ -110,12 +110,12 @@ class Bench:
     """What every suite shares: settings, the runtimes, and in-process loaded models."""
 
     def __init__(self, model, runtimes, unavailable, device, dtype, resolution, steps, batch,
-                 repeats, warmup, work_dir, log, cache_interval=None):
+                 repeats, warmup, work_dir, log, cache_interval=None, cache_depth=None):
         self.model, self.runtimes, self.unavailable = model, runtimes, unavailable
         self.device, self.dtype = device, dtype
         self.resolution, self.steps, self.batch = resolution, steps, batch
         self.repeats, self.warmup, self.work_dir, self.log = repeats, warmup, work_dir, log
-        self.cache_interval = cache_interval
+        self.cache_interval, self.cache_depth = cache_interval, cache_depth
         self._handles = {}
         self._paths = {}
 
@@ -285,7 +285,7 @@ def suite_e2e(bench):
 
     runners = {n: runner(n, rt, h) for n, (rt, h) in handles.items()}
     if bench.cache_interval:
-        cached = replace(req, cache_interval=bench.cache_interval)
+        cached = replace(req, cache_interval=bench.cache_interval, cache_depth=bench.cache_depth)
         runners[CACHED] = runner(CACHED, *handles["sdfast"], cached)
     with torch.no_grad():
         samples = bench.sample(row, runners)
@@ -313,7 +313,8 @@ def _cached_row(bench, row, cached, images):
     from .measure import psnr
 
     n = bench.cache_interval
-    out = bench.row("e2e", f"the same with step caching (cache_interval {n})")
+    depth = "" if bench.cache_depth is None else f", cache_depth {bench.cache_depth}"
+    out = bench.row("e2e", f"the same with step caching (cache_interval {n}{depth})")
     out.unavailable = dict(row.unavailable)
     out.goal = {"vs": UNCACHED, "at_least": CACHE_GOAL}
     out.runs = {"sdfast": cached, UNCACHED: row.runs["sdfast"],
