@@ -365,3 +365,24 @@ def test_cli_debiased_estimation_loss_reaches_the_objective(base, tmp_path, monk
     assert train_main([*argv[:5], "--output-dir", str(tmp_path / "p"), *argv[7:],
                        "--debiased-estimation-loss"]) == 0
     assert flags == [False, True]
+
+
+def test_states_saved_before_later_options_still_resume(base, run_a):
+    # min/max_timestep and debiased_estimation_loss came after runs were saving states: at their
+    # default they are not recorded, so such a state resumes; set, they must be repeated.
+    import json
+
+    from sdfast.train.run import STATE_FILE
+
+    shutil.copytree(base / "a", base / "old")
+    state = base / "old" / "state-00000010"
+    info = json.loads((state / STATE_FILE).read_text())
+    assert not {"min_timestep", "max_timestep", "debiased_estimation_loss"} & set(info["settings"])
+    args = (base / "tiny.safetensors", base / "data.toml", base / "old", "tuned")
+    with pytest.raises(SdfastError, match="debiased_estimation_loss was None, now True"):
+        train_finetune(*args, max_train_steps=11, resume=state, debiased_estimation_loss=True,
+                       **FAST)
+    info["settings"]["debiased_estimation_loss"] = True           # a state saved with it on
+    (state / STATE_FILE).write_text(json.dumps(info))
+    with pytest.raises(SdfastError, match="debiased_estimation_loss was True, now None"):
+        train_finetune(*args, max_train_steps=11, resume=state, **FAST)

@@ -360,13 +360,20 @@ def check_reg_images(data, hint=""):
                                   f"holds no images{hint}")
 
 
+# Options added after runs were already saving states, with the value that reproduces the older
+# behaviour: recorded only when set otherwise, so a state saved before them still resumes.
+LATER_SETTINGS = {"min_timestep": 0, "max_timestep": None, "debiased_estimation_loss": False}
+
+
 def settings(method, o, num_processes):
     """The options a resume must repeat (they shape the loss curve)."""
     config = Path(o["dataset_config"]).read_bytes()
     keys = COMMON_SETTINGS + tuple(method.settings)
     return {"method": method.name, "model": os.path.abspath(o["model"]),
             "dataset_config_sha256": hashlib.sha256(config).hexdigest(),
-            "num_processes": num_processes, **{k: o[k] for k in keys}}
+            "num_processes": num_processes,
+            **{k: o[k] for k in keys
+               if not (k in LATER_SETTINGS and o[k] == LATER_SETTINGS[k])}}
 
 
 def _trained_names(model):

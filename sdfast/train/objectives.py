@@ -19,7 +19,7 @@ pixels and `kl_weight * KL(q || N(0, 1))` over latent elements, per image. Here 
 by the number of pixel values per image (same optimum and the same `kl_weight` meaning; the
 logged loss reads as a per-pixel error).
 
-Two options for small data sets and small models:
+Options for small data sets and small models:
 - `min_snr_gamma` (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
   Strategy", kohya's `--min_snr_gamma`): each timestep's loss is weighted by
   `min(SNR(t), gamma) / SNR(t)` for eps models (`/ (SNR(t) + 1)` for v models), with
@@ -28,7 +28,8 @@ Two options for small data sets and small models:
   by `1 / sqrt(SNR(t))` (`1 / (SNR(t) + 1)` for v models), SNR capped at 1000, on top of Min-SNR
   when both are on. The eps loss counts an error in the predicted image `x_0` times `SNR(t)`,
   which at the noisiest timesteps is 0.005: what decides an image's layout (where a shape goes)
-  then weighs a thousandth of the loss, and a small model never learns it from the text.
+  then weighs a thousandth of the loss. (For the built-in model a stage on those timesteps
+  alone, `min_timestep`, taught the layout; this weighting had not started to after 500 steps.)
 - `foreground_weight` and `edge_weight` (autoencoder): pixels whose colour differs from the
   image's border colour (the per-channel median of the outermost pixel ring) by more than
   `FOREGROUND_THRESHOLD` in any channel get `foreground_weight` more weight, and pixels on the
