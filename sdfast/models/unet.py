@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sdfast.ops import attention
+from sdfast.ops.custom import eager
 
 from .layers import (Conv2d, Upsample, channels_last, key_indices, merge_heads, norm, same_layout,
                      split_heads)
@@ -249,8 +250,7 @@ def _row_chunk(x):
     """Tokens per chunk for `x` `[B, N, C]`, or None to run the block's rows whole (GPU,
     training, tracing and export, or too few tokens to gain)."""
     tokens = max(16, ROW_CHUNK_ROWS // x.shape[0])
-    if (x.device.type != "cpu" or x.shape[1] < 2 * tokens
-            or (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling()
+    if (x.device.type != "cpu" or x.shape[1] < 2 * tokens or not eager(x)
             or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
         return None
     return tokens
