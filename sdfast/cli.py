@@ -129,7 +129,6 @@ def _generate(args):
     args.model = resolve_model(args.model)
     _check_readable(args.init_image, "file")
     _check_readable(args.mask, "file")
-    _output_folder(args.output)
     loras = [_lora_arg(text) for text in args.lora]
     if args.lora_dir is not None and not os.path.isdir(args.lora_dir):
         raise SdfastError(f"{args.lora_dir}: no such LoRA folder")
@@ -143,6 +142,7 @@ def _generate(args):
         jobs = my_prompts(read_prompts(args.prompts_file), args.output, args.batch,
                           args.overwrite)
         args.device = process_device(args.device)
+    _output_folder(args.output)                # every argument checked: now the first write
     pipe = load(args.model, device=args.device, dtype=args.dtype,
                 channels_last=args.channels_last)
     cache = pipe.step_cache(args.cache_interval, args.cache_depth)   # checked before any work
