@@ -1,6 +1,6 @@
 """The built-in model's training recipe: `python -m sdfast.builtin.recipe OUT_DIR [--seed 0]`.
 
-From nothing to the shipped checkpoint on 2 CPU cores (about 75 minutes with one torch thread,
+From nothing to the shipped checkpoint on 2 CPU cores (about 1 h 50 min with one torch thread,
 the machine's other core busy; `OMP_NUM_THREADS=1` is the better setting on a shared machine):
 1. generate the shapes training set (held-out combinations excluded) as a kohya folder;
 2. write the random starting checkpoint of the built-in architecture;
@@ -18,11 +18,11 @@ the machine's other core busy; `OMP_NUM_THREADS=1` is the better setting on a sh
 5. the layout stage: the same, on the noisiest timesteps only (`--min-timestep 800`). The eps
    loss weighs an error in the predicted image by SNR(t), 0.005-0.02 there, so the full-range
    stage learns colour, shape and size but never where the prompt puts the shape (position
-   7.5%, chance 11%: the place came from the noise; measured by swapping the position words,
-   which changed the loss by 0.001%). Here the layout is most of the loss, and the model learns
-   to read it from the text;
+   7.5%, chance 11%: the place came from the noise; swapping the position words for the
+   opposite place changed the loss by less than 1%). Here the layout is most of the loss, and
+   the model learns to read it from the text;
 6. the recovery stage: the whole range again, briefly, at a lower rate (the layout stage alone
-   lets colours and backgrounds drift: 89% and 74%);
+   lets colour, shape and background drift to 75%, 70% and 73%);
 7. save the result in fp16 as `OUT_DIR/sdfast-shapes.safetensors` (copy it to
    `sdfast/builtin/` to ship it) and evaluate it on held-out prompts.
 
@@ -41,12 +41,11 @@ import numpy as np
 import torch
 
 # Recipe settings (the README quotes the command; change them here only).
-LAYOUT_STEPS = 1500
 FULL = dict(dataset_size=6000, vae_batch=16, vae_crop=32, vae_crop_steps=4000, vae_crop_lr=1e-3,
             vae_crop_edge_weight=20.0, vae_steps=500, vae_lr=5e-4, vae_edge_weight=5.0,
             vae_foreground_weight=5.0, latent_stats_n=512, unet_steps=3000, unet_batch=64,
             unet_lr=6e-4, text_lr=3e-4, min_snr_gamma=5.0, caption_dropout=0.1,
-            layout_steps=LAYOUT_STEPS, layout_min_timestep=800, layout_lr=3e-4, recover_steps=1000,
+            layout_steps=1500, layout_min_timestep=800, layout_lr=3e-4, recover_steps=1000,
             recover_lr=1e-4, eval_n=200)
 # The same recipe at toy scale, to check the whole path in seconds (`--smoke`, and the tests).
 SMOKE = dict(FULL, dataset_size=32, vae_crop_steps=3, vae_steps=3, vae_batch=4,
