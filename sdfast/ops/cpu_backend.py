@@ -63,9 +63,9 @@ def supports_group_norm(x, num_groups, weight, bias, eps, silu, add):
 # - group norm, one thread: from about 32 K elements (1.3-4x at SD1.5 ResBlock shapes; at
 #   10 K elements about even, below that the fixed per-call cost loses to torch); threaded:
 #   see GN_MIN_NUMEL_THREADED;
-# - attention: the kernel wins with one key block (csrc/cpu/attention.cpp kWholeKV) at
-#   cross-attention shapes, up to head dim 80 with AVX-512, 48 with AVX2 (D 80-160:
-#   0.7-0.9x), see ATTN_MAX_KEYS_AUTO; self-attention at SD lengths stays on torch's SDPA;
+# - attention: with AVX-512 the kernel wins up to head dim 80 at every SD length, cross- and
+#   self-attention (see ATTN_MAX_HEAD_DIM); with AVX2 only with one key block (csrc/cpu/
+#   attention.cpp kWholeKV) at cross-attention shapes up to head dim 48 (ATTN_MAX_KEYS_AVX2);
 # - LoRA merge: always (the reference recomputes in fp32 copies; the kernel is one pass).
 # - conv2d, from 16 channels in and out (with fewer, the UNet's 4-channel and the VAE's RGB
 #   convs, 0.7-1.2x): 3x3 stride 1 (Winograd) 1.7-2.8x over oneDNN at every SD UNet and VAE
@@ -80,12 +80,18 @@ GN_MIN_NUMEL = 32768
 GN_MIN_NUMEL_THREADED = 262144
 CONV_MIN_CHANNELS = 16
 CONV_GEMM_MIN_WEIGHT_PER_PATCH = 2
+# AVX2 (SDFAST_CPU_ISA=avx2): torch's SDPA runs AVX-512 code on the same machine and the AVX2
+# kernel loses at every self-attention shape (0.58-0.73x), so it takes up to two prompt chunks
+# of keys only.
 ATTN_MAX_HEAD_DIM_AVX2 = 48
-# The quiet 2-thread run (bench/results/cpu-sd15-kernels.json) with AVX-512: cross-attention
-# (77 keys) 2.1x at head dim 40, 1.45x at 80, 0.8x at 160; self-attention with one key block
-# 0.87x (256 keys, D 80) and 0.65x (64 keys, D 160): the kernel runs up to two prompt chunks of
-# keys and head dim 80.
-ATTN_MAX_KEYS_AUTO = 160
+ATTN_MAX_KEYS_AVX2 = 160
+# AVX-512, the quiet 2-thread run (bench/results/cpu-sd15-kernels.json): cross-attention (77
+# keys) 2.1x at head dim 40, 1.45x at 80, 0.8x at 160. Self-attention as the UNet calls it
+# (q/k/v heads viewed out of [B, N, H*D] projections, the output merged back to [B, N, H*D]),
+# 2 threads (1 thread): N 9216 D 40 1.26x (1.12x), 4096 D 40 1.25x (1.15x), 2048 D 40 1.26x,
+# 1024 D 40 1.22x (1.13x), 2304 D 80 1.09x (1.03x), 1024 D 80 1.07x (1.02x), 256 D 80 1.06x,
+# 4096 D 64 x5 heads 1.07x (1.00x), 1024 D 64 1.11x; head dim 160 0.86-0.89x (64-4096 keys)
+# and the VAE's one 512-wide head 0.54x stay on SDPA.
 ATTN_MAX_HEAD_DIM = 80
 
 
@@ -94,10 +100,9 @@ def faster_group_norm(x, num_groups, weight, bias, eps, silu, add):
 
 
 def faster_attention(q, k, v):
-    if k.shape[-2] > ATTN_MAX_KEYS_AUTO:
-        return False
-    limit = ATTN_MAX_HEAD_DIM if _C.cpu_isa() == "avx512" else ATTN_MAX_HEAD_DIM_AVX2
-    return q.shape[-1] <= limit
+    if _C.cpu_isa() == "avx512":
+        return q.shape[-1] <= ATTN_MAX_HEAD_DIM
+    return k.shape[-2] <= ATTN_MAX_KEYS_AVX2 and q.shape[-1] <= ATTN_MAX_HEAD_DIM_AVX2
 
 
 def faster_lora_merge(weight, ups, downs, scales):
