@@ -105,11 +105,19 @@ def test_auto_selection_by_device_dtype_and_speed():
     q = torch.randn(1, 2, 9, 8)
     assert registry.select("attention", (q, q, q))[0] == "cpu"             # one key block
     q = torch.randn(1, 2, 600, 8)
-    # long self-attention: the AVX-512 kernel beats torch's SDPA at head dims up to 80, the
-    # AVX2 one does not (cpu_backend.ATTN_MAX_HEAD_DIM, ATTN_MAX_KEYS_AVX2)
+    # long self-attention: the AVX-512 kernel beats torch's SDPA at head dims up to 64, the
+    # AVX2 one does not (cpu_backend.ATTN_MAX_HEAD_DIM_SELF, ATTN_MAX_KEYS_AVX2) ...
     from sdfast import _C
     long_self = "cpu" if _C.cpu_isa() == "avx512" else "reference"
     assert registry.select("attention", (q, q, q))[0] == long_self
+    q = torch.randn(1, 2, 600, 64)
+    assert registry.select("attention", (q, q, q))[0] == long_self
+    # ... and at head dim 80 it is about even or behind torch's on self-attention, ahead on
+    # cross-attention with up to two prompt chunks of keys (ATTN_MAX_HEAD_DIM)
+    q, kv = torch.randn(1, 2, 600, 80), torch.randn(1, 2, 154, 80)
+    assert registry.select("attention", (q, q, q))[0] == "reference"
+    cross80 = "cpu" if _C.cpu_isa() == "avx512" else "reference"
+    assert registry.select("attention", (q, kv, kv))[0] == cross80
     q = torch.randn(1, 2, 64, 160)
     assert registry.select("attention", (q, q, q))[0] == "reference"       # head dim 160
     wt = torch.zeros(8, 8)

@@ -63,8 +63,8 @@ def supports_group_norm(x, num_groups, weight, bias, eps, silu, add):
 # - group norm, one thread: from about 32 K elements (1.3-4x at SD1.5 ResBlock shapes; at
 #   10 K elements about even, below that the fixed per-call cost loses to torch); threaded:
 #   see GN_MIN_NUMEL_THREADED;
-# - attention: with AVX-512 the kernel wins up to head dim 80 at every SD length, cross- and
-#   self-attention (see ATTN_MAX_HEAD_DIM); with AVX2 only with one key block (csrc/cpu/
+# - attention: with AVX-512 the kernel wins cross-attention up to head dim 80 and
+#   self-attention up to head dim 64 at every SD length (see ATTN_MAX_HEAD_DIM_SELF); with AVX2 only with one key block (csrc/cpu/
 #   attention.cpp kWholeKV) at cross-attention shapes up to head dim 48 (ATTN_MAX_KEYS_AVX2);
 # - LoRA merge: always (the reference recomputes in fp32 copies; the kernel is one pass).
 # - conv2d, from 16 channels in and out (with fewer, the UNet's 4-channel and the VAE's RGB
@@ -86,13 +86,17 @@ CONV_GEMM_MIN_WEIGHT_PER_PATCH = 2
 ATTN_MAX_HEAD_DIM_AVX2 = 48
 ATTN_MAX_KEYS_AVX2 = 160
 # AVX-512, the quiet 2-thread run (bench/results/cpu-sd15-kernels.json): cross-attention (77
-# keys) 2.1x at head dim 40, 1.45x at 80, 0.8x at 160. Self-attention as the UNet calls it
-# (q/k/v heads viewed out of [B, N, H*D] projections, the output merged back to [B, N, H*D]),
-# 2 threads (1 thread): N 9216 D 40 1.26x (1.12x), 4096 D 40 1.25x (1.15x), 2048 D 40 1.26x,
-# 1024 D 40 1.22x (1.13x), 2304 D 80 1.09x (1.03x), 1024 D 80 1.07x (1.02x), 256 D 80 1.06x,
-# 4096 D 64 x5 heads 1.07x (1.00x), 1024 D 64 1.11x; head dim 160 0.86-0.89x (64-4096 keys)
-# and the VAE's one 512-wide head 0.54x stay on SDPA.
+# keys) 2.1x at head dim 40, 1.4x at 80 (1.15x with 77 queries), 0.9x at 160. Self-attention,
+# 2 threads, contiguous [B, H, N, D] (as the UNet calls it: q/k/v heads viewed out of
+# [B, N, H*D] projections, the output merged back), quiet machine, 2026-12-03: head dim 40
+# 1.08x (1.24x) at 256 tokens, 1.18x (1.20x) at 1024, 1.21x (1.25x) at 4096, 0.82x at 64 (no
+# SD model has 64 tokens at head dim 40); head dim 64 1.06-1.09x (1.07-1.12x) at 256-4096
+# tokens; head dim 80 about even or behind: 0.69x at 256 tokens, 0.93-0.98x at 576-1024,
+# 1.01-1.05x at 1536-2304, 0.93-0.96x at 4096. So self-attention takes the kernel up to head
+# dim 64; head dim 80 only with up to two prompt chunks of keys; head dim 160 (0.86-0.92x at
+# 64-4096 keys) and the VAE's one 512-wide head (0.54x) stay on SDPA.
 ATTN_MAX_HEAD_DIM = 80
+ATTN_MAX_HEAD_DIM_SELF = 64
 
 
 def faster_group_norm(x, num_groups, weight, bias, eps, silu, add):
@@ -101,7 +105,9 @@ def faster_group_norm(x, num_groups, weight, bias, eps, silu, add):
 
 def faster_attention(q, k, v):
     if _C.cpu_isa() == "avx512":
-        return q.shape[-1] <= ATTN_MAX_HEAD_DIM
+        if k.shape[-2] <= ATTN_MAX_KEYS_AVX2:
+            return q.shape[-1] <= ATTN_MAX_HEAD_DIM
+        return q.shape[-1] <= ATTN_MAX_HEAD_DIM_SELF
     return k.shape[-2] <= ATTN_MAX_KEYS_AVX2 and q.shape[-1] <= ATTN_MAX_HEAD_DIM_AVX2
 
 
