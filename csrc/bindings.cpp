@@ -71,17 +71,18 @@ static void attention_f32(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, 
   sdfast::cpu::attention(p);
 }
 
-// One weight's LoRAs: (w, O, I, ldw, ups, ups_ld, downs, downs_ld, ranks, scales).
+// One weight's LoRAs: (w, O, I, ldw, ups, ups_ld, downs, downs_ld, ranks, scales, src, lds);
+// src 0: in place, else w = src + the LoRAs (src [O, I] with row stride lds).
 using LoraLayer = std::tuple<std::uintptr_t, int64_t, int64_t, int64_t, std::vector<std::uintptr_t>,
                              std::vector<int64_t>, std::vector<std::uintptr_t>, std::vector<int64_t>,
-                             std::vector<int64_t>, std::vector<float>>;
+                             std::vector<int64_t>, std::vector<float>, std::uintptr_t, int64_t>;
 
 static void lora_merge_layers_f32(const std::vector<LoraLayer>& layers, int threads) {
   const size_t n_layers = layers.size();
   std::vector<LoraMergeParams> params(n_layers);
   std::vector<std::vector<const float*>> up_p(n_layers), down_p(n_layers);
   for (size_t i = 0; i < n_layers; ++i) {
-    const auto& [w, O, I, ldw, ups, ups_ld, downs, downs_ld, ranks, scales] = layers[i];
+    const auto& [w, O, I, ldw, ups, ups_ld, downs, downs_ld, ranks, scales, src, lds] = layers[i];
     const size_t n = ups.size();
     if (downs.size() != n || ups_ld.size() != n || downs_ld.size() != n || ranks.size() != n ||
         scales.size() != n)
@@ -91,7 +92,8 @@ static void lora_merge_layers_f32(const std::vector<LoraLayer>& layers, int thre
       down_p[i].push_back(ptr<const float>(downs[l]));
     }
     params[i] = LoraMergeParams{ptr<float>(w), O, I, ldw, static_cast<int64_t>(n), up_p[i].data(),
-                                ups_ld.data(), down_p[i].data(), downs_ld.data(), ranks.data(), scales.data()};
+                                ups_ld.data(), down_p[i].data(), downs_ld.data(), ranks.data(), scales.data(),
+                                src ? ptr<const float>(src) : nullptr, lds};
   }
   py::gil_scoped_release release;
   set_threads(threads);
@@ -101,8 +103,9 @@ static void lora_merge_layers_f32(const std::vector<LoraLayer>& layers, int thre
 static void lora_merge_f32(std::uintptr_t w, int64_t O, int64_t I, int64_t ldw,
                            std::vector<std::uintptr_t> ups, std::vector<int64_t> ups_ld,
                            std::vector<std::uintptr_t> downs, std::vector<int64_t> downs_ld,
-                           std::vector<int64_t> ranks, std::vector<float> scales, int threads) {
-  lora_merge_layers_f32({LoraLayer{w, O, I, ldw, ups, ups_ld, downs, downs_ld, ranks, scales}}, threads);
+                           std::vector<int64_t> ranks, std::vector<float> scales, std::uintptr_t src,
+                           int64_t lds, int threads) {
+  lora_merge_layers_f32({LoraLayer{w, O, I, ldw, ups, ups_ld, downs, downs_ld, ranks, scales, src, lds}}, threads);
 }
 
 // x [B, H, W, Cin], y and add [B, H, W, Cout] channels-last: strides (b, h, w), channel stride 1.
@@ -141,12 +144,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("N"), py::arg("M"), py::arg("D"), py::arg("q_strides"), py::arg("k_strides"),
         py::arg("v_strides"), py::arg("o_strides"), py::arg("scale"), py::arg("key_block") = 0,
         py::arg("threads") = 0);
-  m.def("lora_merge_f32", &lora_merge_f32, "W += sum_l scale_l up_l @ down_l in place, fp32",
+  m.def("lora_merge_f32", &lora_merge_f32,
+        "W += sum_l scale_l up_l @ down_l in place, fp32; with src != 0, W = src + the same sum",
         py::arg("w"), py::arg("O"), py::arg("I"), py::arg("ldw"), py::arg("ups"), py::arg("ups_ld"),
-        py::arg("downs"), py::arg("downs_ld"), py::arg("ranks"), py::arg("scales"), py::arg("threads") = 0);
+        py::arg("downs"), py::arg("downs_ld"), py::arg("ranks"), py::arg("scales"), py::arg("src") = 0,
+        py::arg("lds") = 0, py::arg("threads") = 0);
   m.def("lora_merge_layers_f32", &lora_merge_layers_f32,
         "lora_merge_f32 over several weights in one parallel pass: a list of its argument tuples "
-        "(w, O, I, ldw, ups, ups_ld, downs, downs_ld, ranks, scales)",
+        "(w, O, I, ldw, ups, ups_ld, downs, downs_ld, ranks, scales, src, lds)",
         py::arg("layers"), py::arg("threads") = 0);
   m.def("conv3x3_winograd_f32", &conv3x3_winograd_f32,
         "3x3 conv, stride 1, padding 1 (+ bias, + add), channels-last, by Winograd F(4x4, 3x3), fp32",

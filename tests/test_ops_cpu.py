@@ -210,6 +210,61 @@ def test_lora_merge_many_weights_in_one_call(backend):
         assert err <= bound, f"{tuple(w.shape)}: max|out - ref64| = {err:.3g} > {bound:.3g}"
 
 
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_lora_merge_from_a_base_equals_a_copy_merged_in_place(backend):
+    """base=: weight (whatever it held) becomes base + the LoRAs, bit for bit what merging into
+    a copy of base gives on the same backend, base unchanged; in the list form too, with None
+    entries merging in place and a LoRA-less entry copying base; a base without a unit-stride
+    view (transposed) takes the copy-then-merge path with the same result."""
+    g = torch.Generator().manual_seed(11)
+    shapes = [((320, 768), [32]), ((64, 33, 3, 3), [4, 1]), ((7, 1100), [2]), ((40, 24), [])]
+    bases, ups, downs, scales = [], [], [], []
+    for shape, ranks in shapes:
+        o, rest = shape[0], shape[1:]
+        conv = [1, 1] if len(shape) == 4 else []
+        bases.append(torch.randn(shape, generator=g) * 0.05)
+        ups.append([torch.randn(o, r, *conv, generator=g) * 0.1 for r in ranks])
+        downs.append([torch.randn(r, *rest, generator=g) * 0.1 for r in ranks])
+        scales.append([0.6 + 0.1 * j for j in range(len(ranks))])
+    kept = [b.clone() for b in bases]
+    expect = [ops.lora_merge_(b.clone(), u, d, s, backend=backend) if u else b.clone()
+              for b, u, d, s in zip(bases, ups, downs, scales)]
+    for b, u, d, s, e in zip(bases, ups, downs, scales, expect):
+        out = torch.full_like(b, 7.0)
+        _run("lora_merge", backend, (out, u, d, s, b))
+        assert ops.lora_merge_(out, u, d, s, backend=backend, base=b) is out
+        assert torch.equal(out, e), tuple(b.shape)
+    outs = [torch.full_like(b, -3.0) for b in bases]
+    outs[1] = bases[1].clone()                               # this one merges in place
+    ops.lora_merge_(outs, ups, downs, scales, backend=backend,
+                    base=[bases[0], None, bases[2], bases[3]])
+    for out, e in zip(outs, expect):
+        assert torch.equal(out, e), tuple(e.shape)
+    for b, k in zip(bases, kept):
+        assert torch.equal(b, k)
+    bt = bases[0].t().contiguous().t()                      # no [O, I] view with unit stride
+    out = torch.zeros_like(bases[0])
+    ops.lora_merge_(out, ups[0], downs[0], scales[0], backend=backend, base=bt)
+    assert torch.equal(out, expect[0])
+
+
+def test_lora_merge_base_checks():
+    w = torch.zeros(4, 5)
+    up, down = torch.zeros(4, 1), torch.zeros(1, 5)
+    with pytest.raises(ops.SdfastError, match="base is .* they must match"):
+        ops.lora_merge_(w, up, down, 1.0, base=torch.zeros(4, 6))
+    with pytest.raises(ops.SdfastError, match="base is .* they must match"):
+        ops.lora_merge_(w, up, down, 1.0, base=torch.zeros(4, 5, dtype=torch.float64))
+    big = torch.zeros(8, 5)
+    with pytest.raises(ops.SdfastError, match="shares memory"):
+        ops.lora_merge_(big[:4], up, down, 1.0, base=big[4:])
+    with pytest.raises(ops.SdfastError, match="1 bases"):
+        ops.lora_merge_([w, w], [up, up], [down, down], [1.0, 1.0], base=[None])
+    w = torch.ones(4, 5)
+    ops.lora_merge_(w, torch.ones(4, 1), torch.ones(1, 5), 2.0, base=w)   # itself: in place
+    assert torch.equal(w, torch.full((4, 5), 3.0))
+
+
 def test_lora_merge_list_form_checks_lengths():
     w = torch.zeros(4, 5)
     with pytest.raises(ops.SdfastError, match="2 weights but 1 ups"):

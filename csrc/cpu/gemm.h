@@ -5,7 +5,8 @@
 //
 // Layouts: A[r, p] at A[r * lda + p] (any row stride, unit column stride); B row p at
 // B + p * ldb with n rounded up to whole vectors readable (packed, zero-padded); C row r at
-// C + r * ldc. Only C's last vector of a row may be partial: `last` (1..kW) lanes are read and
+// C + r * ldc (accumulating: the added values are read from S, row stride lds, which gemm
+// passes as C itself). Only C's last vector of a row may be partial: `last` (1..kW) lanes are read and
 // written there, so C can be a caller's tensor. With a row scale rs, row r of the product is
 // multiplied by rs[r] before it is stored (or added).
 #pragma once
@@ -24,7 +25,7 @@ constexpr int tile_rows() {
 
 template <int MR, int NV, bool kAcc>
 inline void gemm_tile(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-                      int64_t k, int64_t last, const float* rs) {
+                      int64_t k, int64_t last, const float* rs, const float* S, int64_t lds) {
   // Fully unrolled so acc stays in registers (GCC spills it otherwise).
   vf acc[MR][NV];
 #pragma GCC unroll 8
@@ -53,14 +54,16 @@ inline void gemm_tile(const float* A, int64_t lda, const float* B, int64_t ldb, 
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
     float* c = C + r * ldc;
+    const float* s = S + r * lds;
 #pragma GCC unroll 8
     for (int v = 0; v < NV - 1; ++v)
-      vstore(c + v * kW, kAcc ? vadd(acc[r][v], vload(c + v * kW)) : acc[r][v]);
+      vstore(c + v * kW, kAcc ? vadd(acc[r][v], vload(s + v * kW)) : acc[r][v]);
     float* cl = c + (NV - 1) * kW;
+    const float* sl = s + (NV - 1) * kW;
     if (last == kW) {
-      vstore(cl, kAcc ? vadd(acc[r][NV - 1], vload(cl)) : acc[r][NV - 1]);
+      vstore(cl, kAcc ? vadd(acc[r][NV - 1], vload(sl)) : acc[r][NV - 1]);
     } else {
-      vstore_n(cl, kAcc ? vadd(acc[r][NV - 1], vload_n(cl, last)) : acc[r][NV - 1], last);
+      vstore_n(cl, kAcc ? vadd(acc[r][NV - 1], vload_n(sl, last)) : acc[r][NV - 1], last);
     }
   }
 }
@@ -68,19 +71,22 @@ inline void gemm_tile(const float* A, int64_t lda, const float* B, int64_t ldb, 
 // All m rows of one column group of NV vectors: tiles of MR rows, then one smaller tile.
 template <int MR, int NV, bool kAcc>
 inline void gemm_rows(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-                      int64_t m, int64_t k, int64_t last, const float* rs) {
+                      int64_t m, int64_t k, int64_t last, const float* rs, const float* S, int64_t lds) {
   int64_t i = 0;
   for (; i + MR <= m; i += MR)
-    gemm_tile<MR, NV, kAcc>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, k, last, rs ? rs + i : nullptr);
+    gemm_tile<MR, NV, kAcc>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, k, last, rs ? rs + i : nullptr,
+                            S + i * lds, lds);
   if constexpr (MR > 1) {
-    if (i < m) gemm_rows<MR - 1, NV, kAcc>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, m - i, k, last, rs ? rs + i : nullptr);
+    if (i < m)
+      gemm_rows<MR - 1, NV, kAcc>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, m - i, k, last,
+                                  rs ? rs + i : nullptr, S + i * lds, lds);
   }
 }
 
 template <int NV, bool kAcc>
 inline void gemm_group(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-                       int64_t m, int64_t k, int64_t last, const float* rs) {
-  gemm_rows<tile_rows<NV>(), NV, kAcc>(A, lda, B, ldb, C, ldc, m, k, last, rs);
+                       int64_t m, int64_t k, int64_t last, const float* rs, const float* S, int64_t lds) {
+  gemm_rows<tile_rows<NV>(), NV, kAcc>(A, lda, B, ldb, C, ldc, m, k, last, rs, S, lds);
 }
 
 // The vectors per column group for a row of nvec vectors: AVX2 pairs (6 x 2 tiles); AVX-512
@@ -95,13 +101,14 @@ inline int group_vectors(int64_t nvec) {
 
 template <bool kAcc>
 inline void gemm_cols(int nv, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                      int64_t ldc, int64_t m, int64_t k, int64_t last, const float* rs) {
+                      int64_t ldc, int64_t m, int64_t k, int64_t last, const float* rs, const float* S,
+                      int64_t lds) {
   switch (nv) {
-    case 1: gemm_group<1, kAcc>(A, lda, B, ldb, C, ldc, m, k, last, rs); break;
-    case 2: gemm_group<2, kAcc>(A, lda, B, ldb, C, ldc, m, k, last, rs); break;
-    case 3: gemm_group<3, kAcc>(A, lda, B, ldb, C, ldc, m, k, last, rs); break;
-    case 4: gemm_group<4, kAcc>(A, lda, B, ldb, C, ldc, m, k, last, rs); break;
-    default: gemm_group<5, kAcc>(A, lda, B, ldb, C, ldc, m, k, last, rs); break;
+    case 1: gemm_group<1, kAcc>(A, lda, B, ldb, C, ldc, m, k, last, rs, S, lds); break;
+    case 2: gemm_group<2, kAcc>(A, lda, B, ldb, C, ldc, m, k, last, rs, S, lds); break;
+    case 3: gemm_group<3, kAcc>(A, lda, B, ldb, C, ldc, m, k, last, rs, S, lds); break;
+    case 4: gemm_group<4, kAcc>(A, lda, B, ldb, C, ldc, m, k, last, rs, S, lds); break;
+    default: gemm_group<5, kAcc>(A, lda, B, ldb, C, ldc, m, k, last, rs, S, lds); break;
   }
 }
 
@@ -115,16 +122,19 @@ inline void gemm(const float* A, int64_t lda, const float* B, int64_t ldb, float
   const int nv = group_vectors(nvec);
   for (int64_t v = 0; v < nvec;) {
     const int g = static_cast<int>(imin(nv, nvec - v));
-    gemm_cols<kAcc>(g, A, lda, B + v * kW, ldb, C + v * kW, ldc, m, k, v + g == nvec ? last : kW, rs);
+    gemm_cols<kAcc>(g, A, lda, B + v * kW, ldb, C + v * kW, ldc, m, k, v + g == nvec ? last : kW, rs, C + v * kW,
+                    ldc);
     v += g;
   }
 }
 
 // As gemm, but row tiles outer and column groups inner, so each row of C is streamed left to
-// right: for a C that comes from memory once (LoRA's weight) rather than from cache.
+// right: for a C that comes from memory once (LoRA's weight) rather than from cache. With kAcc
+// the product is added to S[m, n] (row stride lds; S == C in place, or a source that C
+// receives, as a copy would, in the same pass).
 template <bool kAcc>
 inline void gemm_streamed(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-                          int64_t m, int64_t n, int64_t k) {
+                          int64_t m, int64_t n, int64_t k, const float* S, int64_t lds) {
   constexpr int nv = kRegs < 32 ? 2 : 4, mr = tile_rows<nv>();
   const int64_t nvec = (n + kW - 1) / kW, last = n - (nvec - 1) * kW;
   for (int64_t i = 0; i < m; i += mr) {
@@ -132,7 +142,7 @@ inline void gemm_streamed(const float* A, int64_t lda, const float* B, int64_t l
     for (int64_t v = 0; v < nvec; v += nv) {
       const int g = static_cast<int>(imin(nv, nvec - v));
       gemm_cols<kAcc>(g, A + i * lda, lda, B + v * kW, ldb, C + i * ldc + v * kW, ldc, rows, k,
-                      v + g == nvec ? last : kW, nullptr);
+                      v + g == nvec ? last : kW, nullptr, S + i * lds + v * kW, lds);
     }
   }
 }

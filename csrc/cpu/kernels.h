@@ -43,13 +43,15 @@ void attention(const AttentionParams& p);
 // W[o, i] += sum_l scale_l * sum_r up_l[o, r] * down_l[r, i], in fp32, one pass over W.
 // W is [O, I] with row stride ldw and unit column stride; up_l [O, rank_l] row-major
 // (row stride ups_ld[l], unit column stride); down_l [rank_l, I] with row stride downs_ld[l]
-// and unit column stride.
+// and unit column stride. With a source `src` ([O, I], row stride lds, unit column stride, not
+// overlapping W): W = src + the same sum, in the same one pass (a copy and a merge at once).
 struct LoraMergeParams {
   float* w; int64_t O, I, ldw;
   int64_t n_lora;
   const float* const* ups; const int64_t* ups_ld;
   const float* const* downs; const int64_t* downs_ld;
   const int64_t* ranks; const float* scales;
+  const float* src = nullptr; int64_t lds = 0;
 };
 void lora_merge(const LoraMergeParams& p);
 // Several weights (each with its own LoRAs) merged in one parallel pass.

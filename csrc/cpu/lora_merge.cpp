@@ -1,5 +1,7 @@
 // LoRA merge into weights, in place, fp32: W[o, i] += sum_l scale_l (up_l @ down_l)[o, i], for
-// one weight or a list of weights (every layer a LoRA touches) in one OpenMP region.
+// one weight or a list of weights (every layer a LoRA touches) in one OpenMP region; or from a
+// source, W = src + the same sum (the first merge into a copy of an original weight: the copy
+// and the merge in one pass).
 //
 // Per weight, all its LoRAs become one GEMM of rank R = sum_l rank_l: A = [scale_1 up_1 |
 // scale_2 up_2 | ...] ([O, R]) and B = [down_1; down_2; ...] ([R, I]), packed in column
@@ -59,7 +61,7 @@ void lora_merge(const LoraMergeParams* layers, int64_t n_layers) {
     L.a_off = a_size;
     L.b_off = b_size;
     L.task0 = tasks;
-    const bool empty = L.R == 0 || p.O == 0 || p.I == 0;
+    const bool empty = (L.R == 0 && !p.src) || p.O == 0 || p.I == 0;  // (R 0 from src: a copy)
     L.col_blocks = empty ? 0 : (p.I + kColBlock - 1) / kColBlock;
     a_size += p.O * L.R;
     b_size += L.col_blocks * L.R * kColBlock;
@@ -79,8 +81,10 @@ void lora_merge(const LoraMergeParams* layers, int64_t n_layers) {
       const Layout& L = lay[n];
       const int64_t local = t - L.task0;
       const int64_t o0 = local / L.col_blocks * kRowBlock, cb = local % L.col_blocks, i0 = cb * kColBlock;
+      const float* src = p.src ? p.src + o0 * p.lds + i0 : p.w + o0 * p.ldw + i0;
       gemm_streamed<true>(A.data() + L.a_off + o0 * L.R, L.R, B.data() + L.b_off + cb * L.R * kColBlock, kColBlock,
-                          p.w + o0 * p.ldw + i0, p.ldw, imin(kRowBlock, p.O - o0), imin(kColBlock, p.I - i0), L.R);
+                          p.w + o0 * p.ldw + i0, p.ldw, imin(kRowBlock, p.O - o0), imin(kColBlock, p.I - i0), L.R,
+                          src, p.src ? p.lds : p.ldw);
     }
   }
 }

@@ -162,6 +162,29 @@ static void test_lora_layers() {
   for (auto& c : cases) c.check();
 }
 
+// From a source: W (garbage before) = src + the LoRAs, src untouched; with no LoRA a copy.
+static void test_lora_from_source(int64_t O, int64_t I, std::vector<int64_t> ranks) {
+  LoraCase c(O, I, std::move(ranks), 70);
+  const std::vector<float> src = c.w;
+  const int64_t lds = I + 3;  // a source with its own row stride
+  std::vector<float> padded(O * lds, 123.f);
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t i = 0; i < I; ++i) padded[o * lds + i] = src[o * I + i];
+  std::fill(c.w.begin(), c.w.end(), -7.f);
+  LoraMergeParams p = c.params();
+  p.src = padded.data();
+  p.lds = lds;
+  lora_merge(&p, 1);
+  c.check();
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t i = 0; i < I; ++i)
+      if (padded[o * lds + i] != src[o * I + i]) {
+        std::printf("FAIL lora_merge from source: the source changed at (%lld, %lld)\n", (long long)o, (long long)i);
+        ++g_failures;
+        return;
+      }
+}
+
 static void run_all() {
   test_group_norm(2, 64, 63, 32, false, false, false);
   test_group_norm(2, 64, 63, 32, true, true, true);
@@ -183,6 +206,8 @@ static void run_all() {
   test_lora(64, 321, {4, 7});
   test_lora(33, 9 * 20, {128});
   test_lora_layers();
+  test_lora_from_source(45, 1100, {4, 32});
+  test_lora_from_source(7, 20, {});
 }
 
 int main() { return run_on_every_isa(run_all, g_failures); }

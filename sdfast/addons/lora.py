@@ -31,7 +31,7 @@ import torch
 
 from sdfast import ops
 from sdfast.errors import SdfastError
-from sdfast.io.pages import populated_copy
+from sdfast.io.pages import map_pages, populated_copy, populated_empty_like
 
 from .targets import text_targets, unet_targets
 
@@ -335,7 +335,9 @@ class LoraStack:
 
     @torch.no_grad()
     def refresh(self, keys):
-        """Recompute each weight in `keys` from its original and the active LoRAs."""
+        """Recompute each weight in `keys` from its original and the active LoRAs: every
+        weight's low-rank LoRAs in one `lora_merge_` call over all of them (each weight written
+        as original + LoRAs in one pass where it is recomputed whole), then the dense ones."""
         active = {}
         for loaded in self.loaded.values():
             for m in loaded.lora.modules:
@@ -343,6 +345,7 @@ class LoraStack:
                 if key in keys:
                     strength = loaded.strength if m.component == "unet" else loaded.strength_clip
                     active.setdefault(key, []).append((m, strength))
+        low_rank, dense = [], []
         for key in sorted(keys):
             param = self._weight(key)
             if key not in active:                 # nothing applies any more: the original back
@@ -357,13 +360,45 @@ class LoraStack:
                 if self.in_place:
                     self._originals[key] = populated_copy(param.data)
                 else:                             # (the loader's mmap stays as it is)
-                    self._originals[key] = param.data
-                    param.data = populated_copy(param.data)
-            else:                                 # (a first touch's copy is the original)
-                param.data.copy_(self._originals[key])
-            weight = param.data
-            for rows, entries in _by_rows(active[key]).items():
-                _merge(weight if rows is None else weight[rows[0]:rows[1]], entries)
+                    self._originals[key] = map_pages(param.data)
+                    param.data = populated_empty_like(param.data)
+            original, weight = self._originals[key], param.data
+            by_rows = _by_rows(active[key])
+            if list(by_rows) == [None]:           # the whole weight: original + LoRAs
+                self._split(weight, by_rows[None], original, low_rank, dense)
+                continue
+            weight.copy_(original)                # row blocks (a fused qkv): merged in place
+            for rows, entries in by_rows.items():
+                part = weight if rows is None else weight[rows[0]:rows[1]]
+                self._split(part, entries, None, low_rank, dense)
+        if low_rank:
+            weights, ups, downs, scales, bases = map(list, zip(*low_rank))
+            ops.lora_merge_(weights, ups, downs, scales, base=bases)
+        for weight, entries in dense:
+            _merge_dense(weight, entries)
+
+    @staticmethod
+    def _split(weight, entries, base, low_rank, dense):
+        """Queue `(module, strength)` entries for `weight`: the low-rank ones as one
+        lora_merge_ entry (weight = base + them, or in place with base None), the dense (LoHa
+        / LoKr) ones for afterwards."""
+        shape = tuple(weight.shape)
+        ups, downs, scales, rest = [], [], [], []
+        for m, strength in entries:
+            if strength == 0:
+                continue
+            factors = m.factors(shape)
+            if factors is None:
+                rest.append((m, strength))
+                continue
+            up, down = factors
+            ups.append(up.to(weight.device))
+            downs.append(down.to(weight.device))
+            scales.append(m.scale * strength)
+        if ups or base is not None:
+            low_rank.append((weight, ups, downs, scales, base))
+        if rest:
+            dense.append((weight, rest))
 
 
 def _by_rows(entries):
@@ -373,29 +408,13 @@ def _by_rows(entries):
     return out
 
 
-def _merge(weight, entries):
-    """Merge `(module, strength)` entries into `weight`: low-rank ones in one lora_merge_ pass,
-    then the dense (LoHa / LoKr) ones in fp32."""
+def _merge_dense(weight, entries):
+    """Add the dense (LoHa / LoKr) `(module, strength)` entries to `weight`, in fp32."""
     shape = tuple(weight.shape)
-    ups, downs, scales, dense = [], [], [], []
+    w32 = weight.float()
     for m, strength in entries:
-        if strength == 0:
-            continue
-        factors = m.factors(shape)
-        if factors is None:
-            dense.append((m, strength))
-            continue
-        up, down = factors
-        ups.append(up.to(weight.device))
-        downs.append(down.to(weight.device))
-        scales.append(m.scale * strength)
-    if ups:
-        ops.lora_merge_(weight, ups, downs, scales)
-    if dense:
-        w32 = weight.float()
-        for m, strength in dense:
-            w32 += (m.scale * strength) * m.delta(shape).to(weight.device)
-        weight.copy_(w32.to(weight.dtype))
+        w32 += (m.scale * strength) * m.delta(shape).to(weight.device)
+    weight.copy_(w32.to(weight.dtype))
 
 
 __all__ = ["LoraModule", "LoraFile", "LoraStack", "Loaded", "read_lora", "load_state_dict",

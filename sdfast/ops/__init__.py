@@ -92,7 +92,7 @@ def attention(q, k, v, backend=None):
     return torch.ops.sdfast.attention(q, k, v, _backend_arg(backend))
 
 
-def lora_merge_(weight, up, down, scale, backend=None):
+def lora_merge_(weight, up, down, scale, backend=None, base=None):
     """In place `weight += scale * up @ down` with fp32 accumulation; returns `weight`.
 
     Linear: weight [O, I], up [O, r], down [r, I]. Conv: weight [O, I, kh, kw], up [O, r, 1, 1]
@@ -103,31 +103,39 @@ def lora_merge_(weight, up, down, scale, backend=None):
     with one entry per weight (each entry as above: one LoRA or a list of them); returns the
     list. Backends with a batched form (cpu) then spread all the layers over their threads at
     once instead of one call per layer.
+
+    `base` (a tensor of weight's shape, dtype and device, not sharing its memory; for a list of
+    weights a list with one entry or None per weight): `weight = base + scale * up @ down`
+    instead, base unchanged. The cpu backend reads base and writes weight in the one pass a
+    merge in place takes (a copy of an original and the merge into it at the cost of the merge
+    alone); the others copy base into weight first.
     """
     backend = _backend_arg(backend)
     if isinstance(weight, (list, tuple)):
-        if not len(weight) == len(up) == len(down) == len(scale):
+        bases = [None] * len(weight) if base is None else list(base)
+        if not len(weight) == len(up) == len(down) == len(scale) == len(bases):
             raise SdfastError(f"lora_merge_: {len(weight)} weights but {len(up)} ups, {len(down)} "
-                              f"downs, {len(scale)} scales")
-        calls = [c for c in map(_lora_args, weight, up, down, scale) if c[0].numel()]
-        if _custom.eager(*(t for w, ups, downs, _ in calls for t in (w, *ups, *downs))):
+                              f"downs, {len(scale)} scales, {len(bases)} bases")
+        calls = [c for c in map(_lora_args, weight, up, down, scale, bases) if c[0].numel()]
+        if _custom.eager(*(t for w, ups, downs, _, b in calls for t in (w, *ups, *downs)
+                           if t is not None)):
             _custom.run_lora_merge_layers(calls, backend)
         else:
-            for w, ups, downs, scales in calls:
-                torch.ops.sdfast.lora_merge(w, ups, downs, scales, backend)
+            for w, ups, downs, scales, b in calls:
+                torch.ops.sdfast.lora_merge(w, ups, downs, scales, backend, b)
         return weight
-    weight, ups, downs, scales = _lora_args(weight, up, down, scale)
+    weight, ups, downs, scales, base = _lora_args(weight, up, down, scale, base)
     if weight.numel() == 0:  # nothing to merge
         return weight
-    if _custom.eager(weight, *ups, *downs):
-        _custom.run_lora_merge(weight, ups, downs, scales, backend)
+    if _custom.eager(weight, *ups, *downs, *(() if base is None else (base,))):
+        _custom.run_lora_merge(weight, ups, downs, scales, backend, base)
     else:
-        torch.ops.sdfast.lora_merge(weight, ups, downs, scales, backend)
+        torch.ops.sdfast.lora_merge(weight, ups, downs, scales, backend, base)
     return weight
 
 
-def _lora_args(weight, up, down, scale):
-    """One weight's checked (weight, ups, downs, scales), the LoRAs as lists."""
+def _lora_args(weight, up, down, scale, base=None):
+    """One weight's checked (weight, ups, downs, scales, base), the LoRAs as lists."""
     ups, downs, scales = (list(a) if isinstance(a, (list, tuple)) else [a]
                           for a in (up, down, scale))
     if not len(ups) == len(downs) == len(scales):
@@ -140,7 +148,17 @@ def _lora_args(weight, up, down, scale):
         if u.shape[0] != o or math.prod(u.shape[1:]) != r or math.prod(d.shape[1:]) != inner:
             raise SdfastError(f"lora_merge_: up {tuple(u.shape)} @ down {tuple(d.shape)} does not "
                               f"give weight {tuple(weight.shape)}")
-    return weight, ups, downs, [float(s) for s in scales]
+    if base is not None:
+        if (base.shape, base.dtype, base.device) != (weight.shape, weight.dtype, weight.device):
+            raise SdfastError(f"lora_merge_: base is {tuple(base.shape)} {base.dtype} on {base.device}, "
+                              f"weight {tuple(weight.shape)} {weight.dtype} on {weight.device}: "
+                              f"they must match")
+        if base.numel() and base.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr():
+            if base.data_ptr() != weight.data_ptr() or base.stride() != weight.stride():
+                raise SdfastError("lora_merge_: base shares memory with weight (pass base=None "
+                                  "to merge in place)")
+            base = None                   # the weight itself: in place
+    return weight, ups, downs, [float(s) for s in scales], base
 
 
 def _pair(v, name):

@@ -111,7 +111,7 @@ def faster_attention(q, k, v):
     return k.shape[-2] <= ATTN_MAX_KEYS_AVX2 and q.shape[-1] <= ATTN_MAX_HEAD_DIM_AVX2
 
 
-def faster_lora_merge(weight, ups, downs, scales):
+def faster_lora_merge(weight, ups, downs, scales, base=None):
     return True
 
 
@@ -205,7 +205,7 @@ def attention(q, k, v):
 
 # --- lora_merge ----------------------------------------------------------------------------
 
-def supports_lora_merge(weight, ups, downs, scales):
+def supports_lora_merge(weight, ups, downs, scales, base=None):
     reason = _cpu_f32("weight", weight)
     if reason is not None:
         return reason
@@ -224,20 +224,32 @@ def _matrix(t, rows):
     return t if t.stride(1) == 1 or t.shape[1] == 1 else t.contiguous()
 
 
-def _lora_layer(weight, ups, downs, scales):
+def _lora_layer(weight, ups, downs, scales, base=None):
     """(kernel arguments, target) of one weight: the target is the [O, I] fp32 matrix merged in
-    place, a copy when `weight` has no such view (copied back by _lora_done)."""
+    place, a copy when `weight` has no such view (copied back by _lora_done). With `base`, the
+    kernel writes base + the LoRAs into the target in one pass (base read as an [O, I] view,
+    else copied into the target first)."""
     o = weight.shape[0]
     target = weight.detach().reshape(o, -1)
-    if target.data_ptr() != weight.data_ptr() or (target.stride(1) != 1 and target.shape[1] > 1):
+    own_view = target.data_ptr() == weight.data_ptr() and (target.stride(1) == 1 or target.shape[1] == 1)
+    src = None
+    if base is not None:
+        src = base.detach().reshape(o, -1)
+        if not (own_view and (src.stride(1) == 1 or src.shape[1] == 1)):
+            src = None
+            with torch.no_grad():
+                weight.copy_(base)
+            target = weight.detach().reshape(o, -1)
+    if not own_view:
         target = target.contiguous()
     ups = [_matrix(u, o) for u in ups]
     downs = [_matrix(d, d.shape[0]) for d in downs]
     args = (target.data_ptr(), o, target.shape[1], target.stride(0),
             [u.data_ptr() for u in ups], [u.stride(0) for u in ups],
             [d.data_ptr() for d in downs], [d.stride(0) for d in downs],
-            [d.shape[0] for d in downs], [float(s) for s in scales])
-    return args, target, (ups, downs)  # the factors stay referenced until the kernel ran
+            [d.shape[0] for d in downs], [float(s) for s in scales],
+            0 if src is None else src.data_ptr(), 0 if src is None else src.stride(0))
+    return args, target, (ups, downs, src)  # these stay referenced until the kernel ran
 
 
 def _lora_done(weight, target):
@@ -246,15 +258,16 @@ def _lora_done(weight, target):
             weight.copy_(target.reshape(weight.shape))
 
 
-def lora_merge_(weight, ups, downs, scales):
-    args, target, keep = _lora_layer(weight, ups, downs, scales)
+def lora_merge_(weight, ups, downs, scales, base=None):
+    args, target, keep = _lora_layer(weight, ups, downs, scales, base)
     _C.lora_merge_f32(*args, torch.get_num_threads())
     _lora_done(weight, target)
     return weight
 
 
 def lora_merge_layers_(layers):
-    """lora_merge_ on every (weight, ups, downs, scales) of `layers`, in one parallel pass."""
+    """lora_merge_ on every (weight, ups, downs, scales[, base]) of `layers`, in one parallel
+    pass."""
     prepared = [_lora_layer(*layer) for layer in layers]
     _C.lora_merge_layers_f32([args for args, _, _ in prepared], torch.get_num_threads())
     for (weight, *_), (_, target, _) in zip(layers, prepared):

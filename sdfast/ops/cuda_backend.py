@@ -82,7 +82,7 @@ def supports_attention(q, k, v):
             or attention_shapes(q, k, v, MAX_HEAD_DIM))
 
 
-def supports_lora_merge(weight, ups, downs, scales):
+def supports_lora_merge(weight, ups, downs, scales, base=None):
     """True, or the reason the CUDA LoRA merge cannot take these arguments."""
     if not available():
         return "sdfast._C_cuda is not built or no CUDA device is present"
@@ -137,9 +137,11 @@ def attention(q, k, v):
     return o
 
 
-def lora_merge_(weight, ups, downs, scales):
+def lora_merge_(weight, ups, downs, scales, base=None):
     ups, downs, scales = list(ups), list(downs), list(scales)
     _require(supports_lora_merge(weight, ups, downs, scales))
+    if base is not None:          # (no fused form: the copy, then the merge in place)
+        weight.copy_(base)
     if not ups:
         return weight
     O = weight.shape[0]

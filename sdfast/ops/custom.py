@@ -18,6 +18,8 @@ Each op's body is a plain function (`run_group_norm`, `run_attention`, `run_lora
 compiling or tracing, no dispatch mode or tensor subclass to see the op, no autograd to
 record): sdfast.ops then skips the dispatcher's ~20 us per call.
 """
+from typing import Optional
+
 import torch
 
 from . import registry
@@ -149,26 +151,26 @@ torch.library.register_autograd("sdfast::attention", _attention_backward,
 
 # --- lora_merge ----------------------------------------------------------------------------
 
-def run_lora_merge(weight, ups, downs, scales, backend):
-    args = (weight, list(ups), list(downs), list(scales))
+def run_lora_merge(weight, ups, downs, scales, backend, base=None):
+    args = (weight, list(ups), list(downs), list(scales), base)
     _, fn = registry.select("lora_merge", args, backend or None)
     fn(*args)
 
 
 def run_lora_merge_layers(calls, backend):
-    """Several weights' merges: `calls` a list of (weight, ups, downs, scales)."""
-    registry.run_many("lora_merge", [(w, list(u), list(d), list(s)) for w, u, d, s in calls],
+    """Several weights' merges: `calls` a list of (weight, ups, downs, scales, base)."""
+    registry.run_many("lora_merge", [(w, list(u), list(d), list(s), b) for w, u, d, s, b in calls],
                       backend or None)
 
 
 @torch.library.custom_op("sdfast::lora_merge", mutates_args=("weight",))
 def lora_merge_op(weight: torch.Tensor, ups: list[torch.Tensor], downs: list[torch.Tensor],
-                  scales: list[float], backend: str) -> None:
-    run_lora_merge(weight, ups, downs, scales, backend)
+                  scales: list[float], backend: str, base: Optional[torch.Tensor] = None) -> None:
+    run_lora_merge(weight, ups, downs, scales, backend, base)
 
 
 @lora_merge_op.register_fake
-def _(weight, ups, downs, scales, backend):
+def _(weight, ups, downs, scales, backend, base=None):
     return None
 
 

@@ -18,16 +18,18 @@ def attention_ref(q, k, v):
     return F.scaled_dot_product_attention(q, k, v)
 
 
-def lora_merge_ref(weight, ups, downs, scales):
-    """weight += sum_l scales[l] * ups[l] @ downs[l], accumulated in fp32, in place.
+def lora_merge_ref(weight, ups, downs, scales, base=None):
+    """weight += sum_l scales[l] * ups[l] @ downs[l], accumulated in fp32, in place; with
+    `base` (weight's shape), weight = base + the same sum (base unchanged).
 
     `weight` [O, I] (linear) or [O, I, kh, kw] (conv); `ups[l]` [O, r] or [O, r, 1, 1];
     `downs[l]` [r, I] or [r, I, kh, kw]. Single tensors / a float are read as one LoRA.
     """
     if isinstance(ups, torch.Tensor):
         ups, downs, scales = [ups], [downs], [scales]
-    w32 = weight.detach().float().reshape(weight.shape[0], -1)  # [O, I*kh*kw]
-    if w32.data_ptr() == weight.data_ptr():
+    source = weight if base is None else base
+    w32 = source.detach().float().reshape(weight.shape[0], -1)  # [O, I*kh*kw]
+    if w32.data_ptr() in (weight.data_ptr(), source.data_ptr()):
         w32 = w32.clone()
     for up, down, scale in zip(ups, downs, scales):
         delta = up.float().reshape(up.shape[0], -1) @ down.float().reshape(down.shape[0], -1)

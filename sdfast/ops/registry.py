@@ -4,7 +4,7 @@ A backend implements an op as a plain function with the op's signature:
 
     group_norm(x, num_groups, weight, bias, eps, silu, add) -> Tensor
     attention(q, k, v) -> Tensor
-    lora_merge_(weight, ups, downs, scales) -> weight          (lists; in place)
+    lora_merge_(weight, ups, downs, scales, base=None) -> weight (lists; in place, or base + the LoRAs)
     conv2d(x, weight, bias, stride, padding, add) -> Tensor    (F.conv2d(...) + add)
 
 registered with `@register(op, backend, constraints=[...])`. A constraint is called with the

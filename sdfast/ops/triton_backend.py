@@ -76,7 +76,7 @@ def supports_attention(q, k, v):
             or attention_shapes(q, k, v, HEAD_DIMS_MAX))
 
 
-def supports_lora_merge(weight, ups, downs, scales):
+def supports_lora_merge(weight, ups, downs, scales, base=None):
     """True, or the reason the Triton LoRA merge cannot take these arguments."""
     if not available():
         return "Triton is not installed or has no CUDA device / interpreter"
@@ -93,7 +93,9 @@ def attention(q, k, v):
     return _kernels()[1].attention(q, k, v)
 
 
-def lora_merge_(weight, ups, downs, scales):
+def lora_merge_(weight, ups, downs, scales, base=None):
+    if base is not None:          # (no fused form: the copy, then the merge in place)
+        weight.copy_(base)
     return _kernels()[2].lora_merge_(weight, list(ups), list(downs), list(scales))
 
 
