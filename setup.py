@@ -60,7 +60,7 @@ setup(
     packages=find_packages(include=["sdfast", "sdfast.*"]) + ["sdfast.kernels"],
     package_dir={"sdfast.kernels": "kernels"},
     package_data={"sdfast": ["text/data/*", "builtin/*"]},
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # tomllib (training configs)
     install_requires=[
         "torch>=2.4",
         "numpy",
@@ -68,6 +68,7 @@ setup(
         "pillow",
         "tokenizers",
         "tqdm",
+        "accelerate",  # sdfast train (single process, torchrun and accelerate launch)
     ],
     extras_require={
         "test": [
