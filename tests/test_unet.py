@@ -157,8 +157,12 @@ def test_bfloat16_weights_run_in_bfloat16():
         out = ours(x.bfloat16(), t, context.bfloat16())
     assert out.dtype == torch.bfloat16
     ref16 = copy.deepcopy(ref).to(torch.bfloat16)
-    assert_parity(out, run_diffusers(ref16, x, t, context),
-                  run_diffusers(float64_copy(ref), x, t, context))
+    # The plain earned factor 2, not WINOGRAD_ERROR_FACTOR: the cpu backend (Winograd) takes
+    # fp32 only, so bf16 runs the same reference ops as diffusers. Measured max-error ratio
+    # ours / diffusers' bf16: 0.97 (0.83-1.00 over input seeds 0-3).
+    err, bound = earned_error(out, run_diffusers(ref16, x, t, context),
+                              run_diffusers(float64_copy(ref), x, t, context), factor=2)
+    assert err <= bound, f"max error {err:.3g} vs fp64 exceeds the earned bound {bound:.3g}"
 
 
 def test_tolerance_catches_a_small_weight_error():

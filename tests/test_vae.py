@@ -172,8 +172,11 @@ def test_key_map_round_trip_and_no_copies():
 
 
 def test_key_map_accepts_old_attention_names():
-    """diffusers < 0.14 named the VAE attention `query/key/value/proj_attn`."""
-    sd = make_vae("small", device="meta").state_dict()
+    """diffusers < 0.14 named the VAE attention `query/key/value/proj_attn`: each old name maps
+    to the LDM tensor of its new name (real weights, each its own storage and values, so a
+    swapped query/key fails)."""
+    sd = make_vae("small").state_dict()
+    assert len({v.data_ptr() for v in sd.values()}) == len(sd)
     old = {}
     for key, value in sd.items():
         for new_name, old_name in OLD_ATTN_NAMES.items():
@@ -182,7 +185,17 @@ def test_key_map_accepts_old_attention_names():
     assert old.keys() != sd.keys()
     new_ldm, old_ldm = vae_diffusers_to_ldm(sd), vae_diffusers_to_ldm(old)
     assert new_ldm.keys() == old_ldm.keys()
-    assert all(new_ldm[k].shape == old_ldm[k].shape for k in new_ldm)
+    for k in new_ldm:
+        assert old_ldm[k].data_ptr() == new_ldm[k].data_ptr() and torch.equal(old_ldm[k], new_ldm[k]), k
+    # and by name, from the old keys themselves
+    ldm_names = {"query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
+    for part in ["encoder", "decoder"]:
+        for old_name, ldm_name in ldm_names.items():
+            for param in ["weight", "bias"]:
+                source = old[f"{part}.mid_block.attentions.0.{old_name}.{param}"]
+                mapped = old_ldm[f"{part}.mid.attn_1.{ldm_name}.{param}"]
+                assert mapped.data_ptr() == source.data_ptr(), (part, old_name, param)
+                assert torch.equal(mapped.reshape(source.shape), source), (part, old_name, param)
 
 
 def test_key_map_rejects_unknown_keys():

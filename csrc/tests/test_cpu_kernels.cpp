@@ -22,10 +22,17 @@ static std::vector<float> randn(size_t n, unsigned seed, float mean = 0.0f) {
 
 static void expect_close(const char* name, const std::vector<float>& got,
                          const std::vector<double>& want, double tol) {
+  // Per element and negated, so that a NaN (std::max would drop it) fails; counted and reported.
+  bool ok = got.size() == want.size();
   double worst = 0.0;
-  for (size_t i = 0; i < got.size(); ++i) worst = std::max(worst, std::fabs(got[i] - want[i]));
-  const bool ok = worst <= tol;
-  std::printf("%-48s max|err| %.3g (tol %.3g) %s\n", name, worst, tol, ok ? "ok" : "FAIL");
+  size_t nans = 0;
+  for (size_t i = 0; i < got.size() && i < want.size(); ++i) {
+    const double err = std::fabs(got[i] - want[i]);
+    if (!(err <= tol)) ok = false;
+    if (std::isnan(err)) ++nans;
+    else worst = std::max(worst, err);
+  }
+  std::printf("%-48s max|err| %.3g (tol %.3g), %zu NaN %s\n", name, worst, tol, nans, ok ? "ok" : "FAIL");
   if (!ok) ++g_failures;
 }
 

@@ -14,6 +14,8 @@ call moves or computes, so that a time becomes a physical rate:
 - lora_merge: a rank-32 LoRA merged into every attention projection of the SD1.5 UNet (to_q,
   to_k, to_v, to_out.0 of its 16 transformer blocks), as one list call; baseline a per-layer
   `weight.addmm_(up, down, alpha=scale)` loop. GB/s = (read + write of every weight) / t.
+  Its check runs the timed list call on copies and holds every merged weight to float64
+  W + s * U @ D within the merge's rounding (`_lora_check`).
 - conv2d: a 3x3 stride-1 padding-1 convolution C -> C on channels-last input (the UNet's
   ResBlock convs; sdfast's cpu backend runs them by Winograd F(4x4, 3x3)); baseline
   `F.conv2d`. FLOPs are the direct convolution's, 2 * outputs * C * 9, for Winograd too.
@@ -184,18 +186,44 @@ def lora_merge_case(device, dtype, shapes=None, rank=LORA_RANK, per_layer_backen
     case = Case(f"lora_merge (rank {rank}, {len(shapes)} SD1.5 attention projections)",
                 {"dtype": _dtype_name(dtype), "baseline": "per-layer weight.addmm_"},
                 baseline, run, 2 * sum(w.numel() * w.element_size() for w in weights), GB,
-                extras=extras, check=lambda: _lora_check(weights[0], ups[0], downs[0], scale))
+                extras=extras, check=lambda: _lora_check(weights, ups, downs, scales))
     return case
 
 
-def _lora_check(weight, up, down, scale):
-    """(sdfast's merge, torch's) of one layer, on copies: the merge is in place."""
+def _lora_check(weights, ups, downs, scales):
+    """The timed call (the list form, the dispatch's backend) on copies of every weight (the
+    merge is in place), each merged weight against W + s * U @ D in float64. Raises when any
+    element is off by more than the rounding of an fp32-accumulated merge: gamma_n (n = rank + 3:
+    the scale's rounding to fp32, the scale's and the rank products, the rank - 1 sums, the add
+    to W) of |W| + |s| |U| @ |D|, plus one rounding to the weight's dtype (Higham, ch. 3). That
+    is a few fp32 ulps of |W|, far below the LoRA's own change (at scale 1e-4, ~5e-4 against
+    ulps of ~1e-7): a merge 1% off in scale, or a missing layer, fails. Returns (sdfast's merged
+    weight, the float64 one) of the layer with the largest difference, for the report."""
+    import torch
+
     from .. import ops
 
-    ours, ref = weight.clone(), weight.clone()
-    ops.lora_merge_(ours, up, down, scale)
-    ref.addmm_(up, down, alpha=scale)
-    return ours, ref
+    ours = [w.clone() for w in weights]
+    ops.lora_merge_(ours, ups, downs, scales)
+    u32 = torch.finfo(torch.float32).eps / 2
+    worst = None
+    for k, (w, out, u, d, s) in enumerate(zip(weights, ours, ups, downs, scales)):
+        n = u.shape[1] + 3
+        gamma = n * u32 / (1 - n * u32)
+        u64, d64 = u.double(), d.double()
+        ref = w.double() + s * (u64 @ d64)
+        bound = (gamma * (w.double().abs() + abs(s) * (u64.abs() @ d64.abs()))
+                 + torch.finfo(w.dtype).eps / 2 * ref.abs())
+        err = (out.double() - ref).abs()
+        if not bool((err <= bound).all()):  # negated: NaN fails too
+            raise RuntimeError(
+                f"lora_merge check: layer {k} {tuple(w.shape)} is not W + s * U @ D: max error "
+                f"{float(err.max()):.3g}, {int((~(err <= bound)).sum())} elements over the "
+                f"rounding bound (at most {float(bound.max()):.3g})")
+        diff = float(err.max())
+        if worst is None or diff > worst[0]:
+            worst = (diff, out, ref)
+    return worst[1], worst[2]
 
 
 def conv_cases(levels, rows, device, dtype):
