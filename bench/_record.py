@@ -9,7 +9,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,11 +48,11 @@ def sha256(path):
 
 
 def _git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+    """The checkout's commit: short hash, "+dirty" with uncommitted changes to tracked files;
+    None outside a checkout or without git (sdfast.bench.measure.git_commit)."""
+    from sdfast.bench.measure import git_commit
+
+    return git_commit(str(ROOT))
 
 
 def machine(**extra):
@@ -79,11 +78,12 @@ def write_result(out, script, argv, body, machine_info=None, versions=None):
     import sdfast
 
     argv = sys.argv[1:] if argv is None else argv
+    commit = _git_commit()
     result = {"command": f"python bench/{script} " + " ".join(argv),
               "machine": machine_info or machine(),
               "versions": {"torch": torch.__version__, "sdfast": sdfast.__version__,
-                           "python": platform.python_version(), "commit": _git_commit(),
-                           **(versions or {})},
+                           "python": platform.python_version(),
+                           **({"commit": commit} if commit else {}), **(versions or {})},
               "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), **body}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

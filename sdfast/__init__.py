@@ -11,12 +11,52 @@ __all__ = ["load", "load_controlnet", "accelerate", "Control", "Pipeline", "Sdfa
            "CheckpointError", "__version__"]
 
 
-def _default_device(device):
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def _available(kind):
+    """Whether torch can use a device of type `kind` here (cpu always can)."""
+    import torch
+
+    if kind == "cpu":
+        return True
+    if kind == "mps":
+        return torch.backends.mps.is_available()
+    backend = getattr(torch, kind, None)
+    return bool(backend is not None and backend.is_available())
+
+
+def check_device(device, what="device"):
+    """`device` (a string such as "cpu", "cuda", "cuda:1", or a torch.device) as a torch.device
+    this machine has; otherwise SdfastError, one line naming it (`what`: how the message calls
+    it, e.g. "--device"). None: CUDA when present, else the CPU."""
     import torch
 
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise SdfastError(f"{what} {device}: not a device (valid: cpu, cuda, cuda:N, mps, "
+                          "xpu)") from None
+    if parsed.type not in DEVICE_TYPES:
+        raise SdfastError(f"{what} {device}: sdfast does not run on {parsed.type!r} devices "
+                          "(valid: cpu, cuda, cuda:N, mps, xpu)")
+    if not _available(parsed.type):
+        name = "CUDA" if parsed.type == "cuda" else parsed.type.upper()
+        raise SdfastError(f"{what} {device}: no {name} device is available here")
+    if parsed.type != "cpu" and parsed.index is not None:
+        count = getattr(torch, parsed.type).device_count() if parsed.type != "mps" else 1
+        if parsed.index >= count:
+            raise SdfastError(f"{what} {device}: device index out of range ({count} "
+                              f"{parsed.type} device(s) here: {parsed.type}:0 to "
+                              f"{parsed.type}:{count - 1})")
+    return parsed
+
+
+def _default_device(device):
+    """The device `load` / `load_controlnet` use: `check_device`'s."""
+    return check_device(device)
 
 
 def load(path=None, device=None, dtype=None, prediction=None, backend="torch",

@@ -1,5 +1,6 @@
 """`sdfast generate | info`: the command line. Bad input is one line on stderr, exit 2."""
 import argparse
+import math
 import os
 import sys
 
@@ -41,6 +42,17 @@ def _int_at_least(minimum):
 _positive_int = _int_at_least(1)
 
 
+def _finite_float(text):
+    """An argparse type: a float that is not NaN or infinite."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _add_generate(sub):
     p = sub.add_parser("generate", help="text-to-image, image-to-image and inpainting")
     p.add_argument("--model", help="checkpoint file or diffusers folder (default: the "
@@ -54,13 +66,15 @@ def _add_generate(sub):
                    "SD1.x, 768 for SD2.x v-prediction)")
     p.add_argument("-H", "--height", type=_positive_multiple_of_8)
     p.add_argument("--steps", type=_positive_int, default=20)
-    p.add_argument("--cfg", type=float, default=7.0)
+    p.add_argument("--cfg", type=_finite_float, default=7.0)
     p.add_argument("--sampler", default="euler")
     p.add_argument("--scheduler", default="normal")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="-1: a random seed (printed, and "
+                   "recorded in the PNG)")
     p.add_argument("--batch", type=_positive_int, default=1)
     p.add_argument("--init-image", help="image for img2img / inpainting")
-    p.add_argument("--strength", type=float, default=0.75, help="img2img denoise (0..1]")
+    p.add_argument("--strength", type=_finite_float, default=None,
+                   help="img2img denoise, 0.001..1 (default 0.75; needs --init-image)")
     p.add_argument("--mask", help="inpainting mask (white = repaint)")
     p.add_argument("--clip-skip", type=_positive_int, default=1)
     p.add_argument("--weighting", default="a1111", help="prompt weighting: a1111 or comfy")
@@ -74,20 +88,21 @@ def _add_generate(sub):
     p.add_argument("--controlnet", action="append", default=[], metavar="PATH",
                    help="a ControlNet (repeatable; each takes the --control-* options in order)")
     p.add_argument("--control-image", action="append", default=[], metavar="IMG")
-    p.add_argument("--control-strength", action="append", type=float, default=[])
-    p.add_argument("--control-start", action="append", type=float, default=[])
-    p.add_argument("--control-end", action="append", type=float, default=[])
+    p.add_argument("--control-strength", action="append", type=_finite_float, default=[])
+    p.add_argument("--control-start", action="append", type=_finite_float, default=[])
+    p.add_argument("--control-end", action="append", type=_finite_float, default=[])
     p.add_argument("--control-mode", action="append", default=[],
                    help="balanced, prompt or controlnet")
     p.add_argument("--preprocess", action="append", default=[],
                    help="turn the control image into a map first: canny or binary")
     add_cache_options(p)
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when "
+                   "present)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"),
                    help="weights and UNet dtype (default: fp16 on CUDA, fp32 on the CPU)")
     p.add_argument("--channels-last", action="store_true",
                    help="run the UNet and VAE convolutions in NHWC layout")
-    p.add_argument("-o", "--output", default="out.png", help="output PNG (numbered if taken)")
+    p.add_argument("-o", "--output", default="out.png", help="output .png (numbered if taken)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_generate)
@@ -113,22 +128,50 @@ def _check_readable(path, what):
         raise SdfastError(f"{path}: no such {what}")
 
 
+def _check_image(path):
+    """An image the run reads (init image, mask, control image): exists and decodes."""
+    from .images import check_image_file
+
+    if path is not None:
+        _check_readable(path, "file")
+        check_image_file(path)
+
+
+def _check_png_output(output):
+    """`-o` of generate: a .png name (or no extension: .png is added), not a folder."""
+    if os.path.isdir(output):
+        raise SdfastError(f"-o {output}: is a folder (give a file name, e.g. "
+                          f"{os.path.join(output, 'out.png')})")
+    ext = os.path.splitext(output)[1]
+    if ext and ext.lower() != ".png":
+        raise SdfastError(f"-o {output}: sdfast writes PNG images (name the output .png)")
+
+
 def _generate(args):
-    from . import load
+    from . import check_device, load
     from .io.png import free_paths
     from .builtin import resolve_model
-    from .pipeline import check_request
+    from .pipeline import RANDOM_SEED, SEED_MAX, check_request, check_seed, random_seed
     from .prompts_file import my_prompts, process_device, read_prompts
 
     if (args.prompt is None) == (args.prompts_file is None):
         raise SdfastError("one of --prompt and --prompts-file is required (not both)")
+    if args.strength is not None and args.init_image is None:
+        raise SdfastError("--strength needs --init-image (it sets how much of the init image "
+                          "is repainted)")
+    if args.init_image is not None and args.strength is None:
+        args.strength = 0.75                                      # A1111's default denoise
+    if args.cache_depth is not None and args.cache_interval == 1:
+        raise SdfastError("--cache-depth needs --cache-interval")
     check_request(args.width or 8, args.height or 8, args.steps, args.sampler, args.scheduler, args.batch,
                   args.strength if args.init_image else 1.0, mask=args.mask,
-                  init_image=args.init_image)
+                  init_image=args.init_image, cfg=args.cfg)
+    check_seed(args.seed, "--seed")
+    _check_png_output(args.output)
     _check_readable(args.model, "file or directory")
     args.model = resolve_model(args.model)
-    _check_readable(args.init_image, "file")
-    _check_readable(args.mask, "file")
+    _check_image(args.init_image)
+    _check_image(args.mask)
     loras = [_lora_arg(text) for text in args.lora]
     if args.lora_dir is not None and not os.path.isdir(args.lora_dir):
         raise SdfastError(f"{args.lora_dir}: no such LoRA folder")
@@ -139,9 +182,17 @@ def _generate(args):
         raise SdfastError(f"{args.embeddings_dir}: no such embeddings folder")
     jobs = None
     if args.prompts_file is not None:
-        jobs = my_prompts(read_prompts(args.prompts_file), args.output, args.batch,
-                          args.overwrite)
+        prompts = read_prompts(args.prompts_file)
+        jobs = my_prompts(prompts, args.output, args.batch, args.overwrite)
         args.device = process_device(args.device)
+        last = args.seed + len(prompts) - 1
+        if args.seed != RANDOM_SEED and last > SEED_MAX:
+            raise SdfastError(f"--seed {args.seed}: the last prompt's seed (seed + "
+                              f"{len(prompts) - 1} = {last}) is above the largest seed, {SEED_MAX}")
+    check_device(args.device, "--device")
+    if args.seed == RANDOM_SEED:
+        args.seed = random_seed()                   # A1111's -1; each PNG records its seed
+        print(f"sdfast: random seed {args.seed}", file=sys.stderr)
     _output_folder(args.output)                # every argument checked: now the first write
     pipe = load(args.model, device=args.device, dtype=args.dtype,
                 channels_last=args.channels_last)
@@ -157,7 +208,7 @@ def _generate(args):
         from .addons.preprocess import preprocess
 
         built = []
-        for path, kw in controls:
+        for path, kw in controls:               # images checked by _control_groups
             if "preprocess" in kw:
                 kw["image"] = preprocess(kw.pop("preprocess"), kw["image"])
             built.append(Control(load_controlnet(path, device=pipe.device, dtype=pipe.dtype), **kw))
@@ -168,7 +219,10 @@ def _generate(args):
         _render(pipe, args, controls, cache, args.prompt, args.seed,
                 free_paths(args.output, args.batch, overwrite=args.overwrite))
     for index, prompt, paths in jobs or ():
-        _render(pipe, args, controls, cache, prompt, args.seed + index, paths)
+        seed = args.seed + index
+        if seed == RANDOM_SEED:     # reached from a negative --seed: the fixed seed -1, which
+            seed = SEED_MAX         # torch's generators take as 2**64 - 1 (not a random one)
+        _render(pipe, args, controls, cache, prompt, seed, paths)
     return 0
 
 
@@ -225,7 +279,7 @@ def _control_groups(args):
     for path in nets:
         _check_readable(path, "ControlNet file or folder")
     for path in args.control_image:
-        _check_readable(path, "file")
+        _check_image(path)
     from .addons.preprocess import PREPROCESSORS
 
     for name in args.preprocess:
@@ -263,6 +317,8 @@ def _lora_arg(text):
         raise SdfastError(f"{path}: no such LoRA file")
     if len(strengths) > 2:
         raise SdfastError(f"--lora {text}: at most two strengths (UNet, text encoder)")
+    if not all(math.isfinite(s) for s in strengths):
+        raise SdfastError(f"--lora {text}: strengths must be finite numbers")
     strength = strengths[0] if strengths else 1.0
     return path, strength, strengths[1] if len(strengths) > 1 else None
 
@@ -278,6 +334,7 @@ def _info(args):
 
 def _add_lora(sub):
     p = sub.add_parser("lora", help="LoRA tools")
+    p.set_defaults(func=_missing_lora_subcommand)
     lsub = p.add_subparsers(dest="lora_command", parser_class=_Parser)
     m = lsub.add_parser("merge", help="bake LoRAs into a checkpoint (an LDM single file)")
     m.add_argument("base", help="checkpoint file or diffusers folder")
@@ -287,16 +344,40 @@ def _add_lora(sub):
     m.set_defaults(func=_lora_merge)
 
 
+def _missing_lora_subcommand(args):
+    raise SdfastError("lora needs a sub-command: merge")
+
+
+def _check_merge_output(output, overwrite):
+    """`lora merge -o`: a .safetensors file name in a folder that exists (or can be made) and
+    is writable; an existing file only with --overwrite. Checked before anything loads."""
+    if os.path.isdir(output):
+        raise SdfastError(f"-o {output}: is a folder (give a file name, e.g. "
+                          f"{os.path.join(output, 'merged.safetensors')})")
+    if os.path.splitext(output)[1].lower() != ".safetensors":
+        raise SdfastError(f"-o {output}: lora merge writes a safetensors file (name the output "
+                          ".safetensors)")
+    if os.path.lexists(output) and not overwrite:
+        raise SdfastError(f"{output} exists (pass --overwrite to replace it)")
+    folder = os.path.dirname(os.path.abspath(output))
+    existing = folder
+    while not os.path.exists(existing):                     # the first folder that exists
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise SdfastError(f"-o {output}: cannot create its folder ({existing} is not a folder)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SdfastError(f"-o {output}: {existing} is not writable")
+
+
 def _lora_merge(args):
     import torch
 
     from . import load
     from .io.save import save_checkpoint
 
+    _check_merge_output(args.output, args.overwrite)
     _check_readable(args.base, "file or directory")
     loras = [_lora_arg(text) for text in args.loras]
-    if os.path.exists(args.output) and not args.overwrite:
-        raise SdfastError(f"{args.output} exists (pass --overwrite to replace it)")
     pipe = load(args.base, device="cpu", dtype=torch.float32)
     for path, strength, strength_clip in loras:
         pipe.load_lora(path, strength, strength_clip)
@@ -327,6 +408,14 @@ def build_parser():
     return parser
 
 
+def _os_error(exc):
+    """One line for an OSError: the file(s) it names, then the system's reason."""
+    reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+    files = [os.fsdecode(f) if isinstance(f, (str, bytes, os.PathLike)) else str(f)
+             for f in (exc.filename, exc.filename2) if f is not None]
+    return f"{' -> '.join(files)}: {reason}" if files else reason
+
+
 def run_parser(parser, argv, what="command"):
     """Parse `argv` and run the chosen sub-command; bad input is one line on stderr, exit 2."""
     try:
@@ -337,6 +426,9 @@ def run_parser(parser, argv, what="command"):
         return args.func(args)
     except SdfastError as exc:
         print(f"sdfast: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:      # a file that cannot be read or written: the system's words
+        print(f"sdfast: error: {_os_error(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("sdfast: interrupted", file=sys.stderr)

@@ -1,4 +1,6 @@
 """Converting user images and masks to tensors, and tensors to the requested output."""
+import os
+
 import numpy as np
 import torch
 from PIL import Image
@@ -6,15 +8,44 @@ from PIL import Image
 from .errors import SdfastError
 
 
+def _unreadable(path, exc):
+    """The one-line SdfastError for an image file Pillow cannot read."""
+    path = os.fsdecode(path)
+    if os.path.isdir(path):
+        return SdfastError(f"{path}: is a folder, not an image")
+    if isinstance(exc, Image.UnidentifiedImageError):
+        reason = "not an image format Pillow reads"
+    elif isinstance(exc, OSError) and exc.strerror:
+        reason = exc.strerror
+    else:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return SdfastError(f"{path}: not a readable image ({reason})")
+
+
+def open_image(path, mode):
+    """The image file `path`, decoded and converted to `mode` (None: only decoded);
+    SdfastError (one line naming the file) when it is missing, a folder, or not an image Pillow
+    can decode."""
+    try:
+        with Image.open(path) as img:
+            if mode is None:
+                img.load()
+                return None
+            return img.convert(mode)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise _unreadable(path, exc) from None
+
+
+def check_image_file(path):
+    """Decode the image file `path` once, before any model loads (see `open_image`)."""
+    open_image(path, None)
+
+
 def _to_pil(image, mode):
     if isinstance(image, Image.Image):
         return image.convert(mode)
     if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
-        try:
-            with Image.open(image) as img:
-                return img.convert(mode)
-        except (OSError, ValueError) as exc:
-            raise SdfastError(f"{image}: not a readable image ({exc})") from None
+        return open_image(image, mode)
     if isinstance(image, np.ndarray):
         array = image if image.dtype == np.uint8 else (np.clip(image, 0, 1) * 255).astype(np.uint8)
         return Image.fromarray(array).convert(mode)

@@ -3,8 +3,13 @@
 Seeds follow ComfyUI: the initial noise is `torch.randn([B, 4, H/8, W/8])` from a CPU
 generator seeded with `seed`, in float32, then moved to the device; ancestral and SDE samplers
 draw their per-step noise from CPU generators seeded from the same seed. A seed therefore
-gives the same image on any device.
+gives the same image on any device. Seed -1 draws a random seed (A1111), recorded in
+`Pipeline.last_seed`.
 """
+import math
+import operator
+import random
+
 import torch
 from tqdm.auto import tqdm
 
@@ -18,6 +23,12 @@ VAE_SCALE = 0.18215     # SD1.x / SD2.x latent scale factor
 # Step caching's shallow branch: conv_in and the first res block (+ transformer) of the top
 # level, and their two output blocks (see bench/step_cache.py for the measurements behind it).
 DEFAULT_CACHE_DEPTH = 2
+MAX_SIZE = 16384        # width / height cap: larger images cannot be allocated anyway
+# img2img runs the last `steps` steps of a `steps / strength` schedule (ComfyUI's denoise): a
+# strength below this would make the schedule more than 1000x longer than the steps run.
+MIN_STRENGTH = 0.001
+SEED_MIN, SEED_MAX = -2 ** 63, 2 ** 64 - 1      # what torch.Generator.manual_seed takes
+RANDOM_SEED = -1                                # A1111: -1 draws a random seed
 
 
 class Pipeline:
@@ -48,6 +59,7 @@ class Pipeline:
         self.release_weights = True
         self._lora_in_place = False
         self._graphed = None            # sdfast.cuda_graphs.GraphedUNet once enabled
+        self.last_seed = None           # the seed(s) the last `generate` used (-1 resolved)
 
     # ----------------------------------------------------------------------------- facts
     @property
@@ -352,7 +364,8 @@ class Pipeline:
         `prompt` (and `negative_prompt`) may also be a list: one image per prompt. `seed` may be
         a list with one seed per image: image i then gets exactly the noise that a batch of one
         with seed[i] gets (A1111-style per-image seeds); one int seeds the whole batch's noise
-        as ComfyUI does. `width`/`height` default to `native_size`.
+        as ComfyUI does. Seed -1 (alone or in the list) draws a random seed, as in A1111; the
+        seeds used are in `self.last_seed`. `width`/`height` default to `native_size`.
 
         `control`: one `sdfast.Control(controlnet, image, strength=1.0, start=0.0, end=1.0)` or
         a list of them (ControlNets from `sdfast.load_controlnet`; their residuals add up).
@@ -366,6 +379,8 @@ class Pipeline:
         Faster, and an approximation; 1 (the default) is off and changes nothing.
         """
         cache = self.step_cache(cache_interval, cache_depth)
+        seed = resolve_seeds(seed)
+        self.last_seed = list(seed) if isinstance(seed, list) else seed
         prompt, tags = self._prompt_loras(prompt)
         names = self._apply_tags(tags, lora_dir) if tags else []
         try:
@@ -385,7 +400,7 @@ class Pipeline:
         height = self.native_size[1] if height is None else height
         batch_size = _batch_size(prompt, seed, batch_size)
         sample_fn = check_request(width, height, steps, sampler, scheduler, batch_size,
-                                   strength, output, mask, init_image)
+                                   strength, output, mask, init_image, cfg=cfg)
         shape = (batch_size, 4, height // 8, width // 8)
         from .addons.controlnet import prepare_controls
         controls = prepare_controls(control, self.unet, width, height, self.device, self.dtype)
@@ -506,7 +521,41 @@ def _strengths(strength, strength_clip):
         strength_clip = strength if strength_clip is None else float(strength_clip)
     except (TypeError, ValueError):
         raise SdfastError(f"LoRA strengths must be numbers, got {strength!r}, {strength_clip!r}") from None
+    if not (math.isfinite(strength) and math.isfinite(strength_clip)):
+        raise SdfastError(f"LoRA strengths must be finite numbers, got {strength}, {strength_clip}")
     return strength, strength_clip
+
+
+def check_seed(seed, what="seed"):
+    """`seed` as an int within what torch's generators take (-1 included: a random seed)."""
+    if isinstance(seed, bool):
+        raise SdfastError(f"{what} must be an integer, got {seed!r}")
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        raise SdfastError(f"{what} must be an integer, got {seed!r}") from None
+    if not SEED_MIN <= value <= SEED_MAX:
+        raise SdfastError(f"{what} {value} is out of range: seeds are {SEED_MIN} to {SEED_MAX} "
+                          "(-1: a random seed)")
+    return value
+
+
+def random_seed():
+    """A fresh random seed below 2**32 (A1111's range), independent of torch's global RNG."""
+    return random.SystemRandom().randrange(2 ** 32)
+
+
+def resolve_seed(seed, what="seed"):
+    """A checked seed; -1 becomes a random one (A1111)."""
+    value = check_seed(seed, what)
+    return random_seed() if value == RANDOM_SEED else value
+
+
+def resolve_seeds(seed):
+    """`resolve_seed` of an int seed, or of each seed of a list/tuple (returns a list)."""
+    if isinstance(seed, (list, tuple)):
+        return [resolve_seed(s, f"seed[{i}]") for i, s in enumerate(seed)]
+    return resolve_seed(seed)
 
 
 def _check_choice(what, value, valid):
@@ -537,18 +586,30 @@ def native_size(metadata, info):
     return side, side
 
 
+def _number(value, name):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise SdfastError(f"{name} must be a number, got {value!r}") from None
+
+
 def check_request(width, height, steps, sampler, scheduler, batch_size, strength, output="pil",
-                  mask=None, init_image=None):
+                  mask=None, init_image=None, cfg=None):
     """Every argument check of `generate`, before any work is done. Returns the sampler."""
     for name, value in (("width", width), ("height", height)):
         if not isinstance(value, int) or value < 8 or value % 8:
             raise SdfastError(f"{name} must be a positive multiple of 8, got {value!r}")
+        if value > MAX_SIZE:
+            raise SdfastError(f"{name} {value} is too large (at most {MAX_SIZE})")
     if not isinstance(steps, int) or steps < 1:
         raise SdfastError(f"steps must be an integer >= 1, got {steps!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise SdfastError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if not 0.0 < strength <= 1.0:
-        raise SdfastError(f"strength must be in (0, 1], got {strength!r}")
+    if not MIN_STRENGTH <= _number(strength, "strength") <= 1.0:     # NaN fails too
+        raise SdfastError(f"strength must be in [{MIN_STRENGTH:g}, 1] (img2img runs the last "
+                          f"steps of a steps/strength schedule), got {strength!r}")
+    if cfg is not None and not math.isfinite(_number(cfg, "cfg")):
+        raise SdfastError(f"cfg must be a finite number, got {cfg!r}")
     _check_choice("output", output, OUTPUTS)
     if mask is not None and init_image is None:
         raise SdfastError("a mask needs an init_image (the picture to inpaint)")

@@ -11,6 +11,7 @@ ComfyUI's default); "prompt" ("my prompt is more important") scales residual i o
 only, so classifier-free guidance pushes towards the control.
 """
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -37,8 +38,16 @@ def _read(path):
         if not found or not os.path.isfile(os.path.join(path, "config.json")):
             raise SdfastError(f"{path}: not a diffusers ControlNet folder (config.json and "
                               "diffusion_pytorch_model.* expected)")
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
-            config = json.load(fh)
+        config_path = os.path.join(path, "config.json")
+        try:
+            with open(config_path, encoding="utf-8") as fh:
+                config = json.load(fh)
+        except (ValueError, OSError) as exc:         # JSONDecodeError, UnicodeDecodeError
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise SdfastError(f"{config_path}: not a readable JSON file ({reason})") from None
+        if not isinstance(config, dict):
+            raise SdfastError(f"{config_path}: expected a JSON object (a diffusers "
+                              "ControlNet config)")
         sd, metadata = read_checkpoint(os.path.join(path, found[0]))
     else:
         sd, metadata = read_checkpoint(path)
@@ -122,6 +131,12 @@ def prepare_controls(controls, unet, width, height, device, dtype):
                               "(another architecture)")
         if c.mode not in MODES:
             raise SdfastError(f"unknown control mode {c.mode!r}; modes: {', '.join(MODES)}")
+        try:
+            finite = math.isfinite(float(c.strength))
+        except (TypeError, ValueError):
+            finite = False
+        if not finite:
+            raise SdfastError(f"control strength must be a finite number, got {c.strength!r}")
         if not 0.0 <= c.start <= c.end <= 1.0:
             raise SdfastError(f"control start/end must satisfy 0 <= start <= end <= 1, got "
                               f"{c.start}, {c.end}")

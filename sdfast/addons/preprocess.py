@@ -17,8 +17,9 @@ PREPROCESSORS = ("canny", "binary")
 
 def _grey(image):
     if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
-        with Image.open(image) as im:
-            image = im.convert("RGB")
+        from sdfast.images import open_image
+
+        image = open_image(image, "RGB")            # SdfastError naming an unreadable file
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     rgb = np.asarray(image, dtype=np.float32)

@@ -3,6 +3,7 @@
 `lora:`; A1111's `dyn=` is accepted and ignored). As in A1111, one number sets both strengths,
 and a missing UNet strength is the text-encoder one. Tags are removed from the prompt text.
 """
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -22,9 +23,12 @@ class LoraTag:
 
 def _number(text, tag):
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise SdfastError(f"bad strength {text!r} in prompt tag <{tag}>") from None
+    if not math.isfinite(value):
+        raise SdfastError(f"bad strength {text!r} in prompt tag <{tag}> (must be finite)")
+    return value
 
 
 def parse_tag(body, kind="lora"):

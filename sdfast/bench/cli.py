@@ -11,6 +11,7 @@ import sys
 import time
 
 from ..errors import SdfastError
+from ..io.save import check_folder, make_folder
 from .arch import ARCHS
 from .runtimes import BASELINES, RUNTIMES
 from .suites import SUITES
@@ -102,17 +103,29 @@ def check_args(args):
     if args.model is not None and not os.path.exists(args.model):
         raise SdfastError(f"{args.model}: no such file or directory")
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path and os.path.exists(path) and not args.overwrite:
-            raise SdfastError(f"{flag} {path}: exists (pass --overwrite to replace it)")
         if path and os.path.isdir(path):
             raise SdfastError(f"{flag} {path}: is a folder")
+        if path and os.path.lexists(path) and not args.overwrite:
+            raise SdfastError(f"{flag} {path}: exists (pass --overwrite to replace it)")
     if args.plot and not args.plot.lower().endswith(".png"):
         raise SdfastError(f"--plot {args.plot}: the chart is a PNG file (name it .png)")
     args.work_dir = args.work_dir or default_work_dir()
+    check_folder(args.work_dir, "--work-dir")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:                       # every flag checked: now the output folders, like -o
+            _output_folder(path, flag)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
     return args
+
+
+def _output_folder(path, flag):
+    """Create the folder of an output file before any work (as `generate -o` does); a path
+    through a file, a folder that cannot be made or written is an error."""
+    folder = os.path.dirname(os.path.abspath(path))
+    check_folder(folder, flag, shown=path)
+    make_folder(folder, flag, shown=path)
 
 
 def command_line(args):
@@ -139,11 +152,11 @@ def _bench(args):
 
     print(table(record, rows, names))
     if args.json:
-        write_json(record, args.json)
+        write_json(record, args.json, overwrite=args.overwrite)
         print(args.json)
     if args.plot:
         plot(rows, names, f"sdfast bench: {record['model']['label']} ({args.device}, {args.dtype})",
-             args.plot)
+             args.plot, overwrite=args.overwrite)
         print(args.plot)
     return 0
 
@@ -161,7 +174,7 @@ def run(args, log):
     if "kernels" in args.suites and "torch-reference" not in names:
         names.append("torch-reference")          # the kernels suite's baseline is always torch
     unavailable = {n: why for n, rt in runtimes.items() if (why := rt.unavailable(args.device))}
-    os.makedirs(args.work_dir, exist_ok=True)
+    make_folder(args.work_dir, "--work-dir")
     model = (model_files(args.model, args.work_dir) if args.model
              else ensure_model(args.arch, args.work_dir, seed=args.seed, log=log))
     record = {"schema": 1, "command": command_line(args), "argv": sys.argv,

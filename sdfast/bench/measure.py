@@ -8,9 +8,12 @@ A runner returns its measurement (seconds, bytes, ...); `timed(fn)` makes one fr
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+
+GIT_TIMEOUT_S = 5          # each git call of `git_commit`; past it the commit is left out
 
 
 @dataclass
@@ -111,13 +114,50 @@ def machine(device):
     return info
 
 
+def _git(root, *args, timeout=GIT_TIMEOUT_S):
+    """stdout of `git -C root ARGS` (stripped), or None when git is missing, fails or hangs."""
+    try:
+        proc = subprocess.run(["git", "--no-optional-locks", "-C", root, *args],
+                              capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def git_commit(root=None):
+    """The commit of the git checkout sdfast runs from: the short hash, plus "+dirty" when
+    tracked files have uncommitted changes; None when sdfast is not in a checkout (an installed
+    package) or git is missing or slow. Never raises."""
+    if root is None:
+        import sdfast
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(sdfast.__file__)))
+    top = _git(root, "rev-parse", "--show-toplevel")
+    # The checkout must be sdfast's own, not a repository that merely contains an installed copy
+    # (a virtual environment inside some other checkout).
+    if not top or os.path.realpath(top) != os.path.realpath(root):
+        return None
+    commit = _git(root, "rev-parse", "--short", "HEAD")
+    if not commit:
+        return None
+    changes = _git(root, "status", "--porcelain", "--untracked-files=no")
+    if changes is None:
+        return None                      # clean or dirty unknown: leave the commit out
+    return commit + ("+dirty" if changes else "")
+
+
 def versions():
-    """Versions of the libraries the suite compares."""
+    """Versions of the libraries the suite compares, and the git commit of sdfast's checkout
+    (`commit`, only when it runs from one; see `git_commit`)."""
     from importlib import metadata
 
     import sdfast
 
     out = {"sdfast": sdfast.__version__}
+    commit = git_commit()
+    if commit:
+        out["commit"] = commit
     for dist in ("torch", "diffusers", "transformers", "peft", "safetensors", "onnxruntime"):
         try:
             out[dist] = metadata.version(dist)

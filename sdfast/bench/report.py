@@ -1,17 +1,19 @@
 """What a run reports: a Markdown table on stdout, a JSON record, a bar chart (PIL).
 
 JSON keys (schema 1): `schema`, `command`, `date`, `machine` (cpu, cores, torch_threads,
-platform, python, memory_gib, load_average_at_start, gpu), `versions`, `settings`, `model`,
-`rows` (each: suite, name, unit, kind, runs {runtime: median, q1, q3, min, max, n, samples},
-ratios {baseline: ratio}, rates {runtime: {unit, value,
+platform, python, memory_gib, load_average_at_start, gpu), `versions` (the libraries', and
+`commit`: sdfast's git commit, short hash + "+dirty", when it runs from a checkout),
+`settings`, `model`, `rows` (each: suite, name, unit, kind, runs {runtime: median, q1, q3,
+min, max, n, samples}, ratios {baseline: ratio}, rates {runtime: {unit, value,
 share_of_roofline}} (kernels: GB/s, TFLOP/s, and for attention and convolution the share of the
 GEMM roofline row), ratio_meaning, unavailable {runtime: why}, checks, notes, goal
 {vs, at_least | at_most, met}, status), and `load_average_at_end`.
 """
 import json
-import os
 
 from PIL import Image, ImageDraw, ImageFont
+
+from ..io.save import publish_atomic, text_writer
 
 SCHEMA = 1
 COLOURS = {"sdfast": (31, 119, 180), "torch-reference": (148, 103, 189),
@@ -110,15 +112,15 @@ def table(record, rows, names):
     return "\n".join(lines + ([""] + seen if seen else []))
 
 
-def write_json(record, path):
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(record, fh, indent=1)
-        fh.write("\n")
+def write_json(record, path, overwrite=False):
+    """Write the record as JSON atomically; without `overwrite`, never replace a file."""
+    return publish_atomic(path, text_writer(json.dumps(record, indent=1) + "\n"), overwrite)
 
 
-def plot(rows, names, title, path, width=960):
+def plot(rows, names, title, path, width=960, overwrite=False):
     """A bar chart: one panel per row, a bar per runtime at its median, the IQR as a thick
-    whisker and min-max as a thin one, each labelled with its value and ratio."""
+    whisker and min-max as a thin one, each labelled with its value and ratio. Written
+    atomically; without `overwrite`, never replacing a file."""
     rows = [r for r in rows if r.runs]
     font = ImageFont.load_default()
     bar, gap, head = 22, 6, 34
@@ -146,11 +148,5 @@ def plot(rows, names, title, path, width=960):
             by += bar + gap
         draw.line([10, y + height - 2, width - 10, y + height - 2], fill=(220, 220, 220))
         y += height
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    try:
-        image.save(tmp, "PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    publish_atomic(path, lambda tmp: image.save(tmp, "PNG"), overwrite)
     return image

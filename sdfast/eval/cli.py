@@ -62,17 +62,33 @@ def _model_path(model):
     return resolve_model(model)
 
 
+def _writable(folder, flag, path):
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SdfastError(f"{flag} {path}: {folder} is not writable")
+
+
 def _check_outputs(args):
-    """Refuse outputs that would be overwritten, before loading or generating anything."""
+    """Refuse outputs that would be overwritten or cannot be written, before loading or
+    generating anything."""
     if args.json:
-        if os.path.exists(args.json) and not args.overwrite:
+        if os.path.isdir(args.json):
+            raise SdfastError(f"--json {args.json}: is a directory (name a file)")
+        if os.path.lexists(args.json) and not args.overwrite:
             raise SdfastError(f"{args.json}: exists (use --overwrite to replace it)")
         parent = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(parent):
             raise SdfastError(f"{parent}: no such directory")
-    if args.save_images and os.path.exists(args.save_images):
-        if not os.path.isdir(args.save_images):
-            raise SdfastError(f"{args.save_images}: not a directory")
+        _writable(parent, "--json", args.json)
+    if args.save_images:
+        # The nearest existing folder of --save-images (evaluate creates the rest).
+        probe = os.path.abspath(args.save_images)
+        while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe):
+            if probe == os.path.abspath(args.save_images):
+                raise SdfastError(f"{args.save_images}: not a directory")
+            raise SdfastError(f"--save-images {args.save_images}: {probe} is not a directory")
+        _writable(probe, "--save-images", args.save_images)
 
 
 def _shapes(args):

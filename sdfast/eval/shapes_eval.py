@@ -18,8 +18,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,6 +26,7 @@ import numpy as np
 from .. import __version__
 from ..data.shapes import SPLITS, ShapeSpec, all_specs, caption_parts, heldout_specs, train_specs
 from ..errors import SdfastError
+from ..io.save import publish_atomic, text_writer
 from .analyser import ATTRIBUTES, Analysis, analyse, score
 
 LABELS = {"color": "colour", "shape": "shape", "position": "position", "size": "size",
@@ -266,37 +265,15 @@ def write_json(result: dict, path, overwrite: bool = False) -> Path:
     """Write `result` as JSON, atomically (a temporary file in the same folder, then renamed),
     so a reader never sees half a file. An existing file is refused unless `overwrite`."""
     path = Path(path)
+    if path.is_dir():
+        raise SdfastError(f"{path}: is a directory (name a file)")
     if path.exists() and not overwrite:
         raise SdfastError(f"{path}: exists (use --overwrite to replace it)")
     if not path.parent.is_dir():
         raise SdfastError(f"{path.parent}: no such directory")
     text = json.dumps(result, indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        _publish(tmp, path, overwrite)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    publish_atomic(path, text_writer(text), overwrite)
     return path
-
-
-def _publish(tmp, path, overwrite):
-    """Move the finished file into place; without `overwrite` a hard link, which fails rather
-    than replace a file that appeared meanwhile (plain rename where links are unsupported)."""
-    if overwrite:
-        os.replace(tmp, path)
-        return
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise SdfastError(f"{path}: exists (use --overwrite to replace it)") from None
-    except OSError:
-        os.replace(tmp, path)
 
 
 def format_table(result: dict) -> str:

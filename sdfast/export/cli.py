@@ -80,8 +80,9 @@ def _add_tensorrt(sub):
 def _tensorrt(args):
     from . import manifest as mf
     from .profiles import BuildShapes, default_shapes, parse_batch, parse_size
-    from .tensorrt import _trt, build_engines
+    from .tensorrt import _trt, build_engines, check_output
 
+    check_output(args.onnx, args.output)     # the output folder: no TensorRT needed to refuse it
     _trt()                                   # a clear error first where tensorrt is missing
     manifest = mf.read(args.onnx, "sdfast-onnx")
     base = default_shapes(manifest["native_size"], parse_batch(args.batch), args.max_chunks)

@@ -19,6 +19,7 @@ import json
 import os
 
 from ..errors import SdfastError
+from ..io import save
 
 MANIFEST = "manifest.json"
 VERSION = 1
@@ -56,10 +57,21 @@ def text_config(manifest):
 
 
 def write(folder, manifest):
+    """Write `folder/manifest.json` atomically (a temporary file beside it, then `os.replace`):
+    a stopped write leaves the previous manifest, or none, never half of one."""
     path = os.path.join(folder, MANIFEST)
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(manifest, fh, indent=1, sort_keys=True)
-    return path
+    return save.write_atomic(path, save.text_writer(json.dumps(manifest, indent=1, sort_keys=True)),
+                             overwrite=True)
+
+
+def check_folder(path, what="-o"):
+    """Refuse, before any work, an output folder that cannot be used (io.save.check_folder)."""
+    save.check_folder(path, what)
+
+
+def make_folder(path, what="-o"):
+    """`os.makedirs(path, exist_ok=True)`, an OSError as a one-line SdfastError."""
+    save.make_folder(path, what)
 
 
 def read(folder, expected):
@@ -85,4 +97,4 @@ def read(folder, expected):
 
 
 __all__ = ["MANIFEST", "VERSION", "config_dict", "unet_config", "vae_config",
-           "controlnet_config", "text_config", "write", "read"]
+           "controlnet_config", "text_config", "write", "read", "check_folder", "make_folder"]

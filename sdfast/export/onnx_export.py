@@ -17,6 +17,7 @@ and the text encoder, the graphs a LoRA changes, always keep their weights in ex
 are external (`add_external_initializers`); the other graphs do so past 2 GB.
 """
 import os
+import shutil
 import tempfile
 import warnings
 
@@ -32,6 +33,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 PROTOBUF_LIMIT = 2 ** 31 - 2 ** 24       # a model beyond ~2 GB must keep its weights outside
 STAGES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 REFIT_STAGES = ("unet", "text_encoder")
+STAGING_PREFIX = ".export-staging-"
 
 
 def max_opset():
@@ -99,6 +101,10 @@ def export_onnx(model=None, output=None, opset=MIN_OPSET, dtype="fp32", controln
     or folders, each written as its own graph; the UNet then takes the residual inputs, as it
     also does with `control_inputs=True`. A graph whose weights exceed
     `external_data_threshold` bytes keeps them in `<stage>.onnx.data` beside it.
+
+    The graphs are written into a hidden staging folder inside `output` and moved into place
+    only once all of them are written, the manifest (atomically) last: an export stopped
+    midway leaves an existing export as it was.
     """
     import sdfast
 
@@ -125,24 +131,49 @@ def export_onnx(model=None, output=None, opset=MIN_OPSET, dtype="fp32", controln
     for name, net in nets.items():
         graphs[f"controlnet/{name}"] = ControlNetGraph(net)
 
-    os.makedirs(output, exist_ok=True)
-    written = {}
-    for stage, graph in graphs.items():
-        graph_dtype = torch_dtype if stage == "unet" or stage.startswith("controlnet") else torch.float32
-        threshold = 0 if stage in REFIT_STAGES else external_data_threshold
-        written[stage] = _export_graph(graph, graph_dtype, os.path.join(output, files[stage]),
-                                       opset, threshold)
-    refit = {stage: _refit_map(getattr(graphs[stage], stage), written[stage]["initializers"],
-                               stage + ".")
-             for stage in REFIT_STAGES}
-    manifest = _manifest(pipe, opset, dtype, files, written, refit, nets, with_controls)
-    mf.write(output, manifest)
+    mf.make_folder(output)
+    # Every graph is written into a staging folder inside `output` first; only when all are
+    # written and checked do they replace the old export's files (see `_publish`).
+    staging = tempfile.mkdtemp(dir=output, prefix=STAGING_PREFIX)
+    try:
+        written = {}
+        for stage, graph in graphs.items():
+            fp16_ok = stage == "unet" or stage.startswith("controlnet")
+            graph_dtype = torch_dtype if fp16_ok else torch.float32
+            threshold = 0 if stage in REFIT_STAGES else external_data_threshold
+            written[stage] = _export_graph(graph, graph_dtype, os.path.join(staging, files[stage]),
+                                           opset, threshold)
+        refit = {stage: _refit_map(getattr(graphs[stage], stage), written[stage]["initializers"],
+                                   stage + ".")
+                 for stage in REFIT_STAGES}
+        manifest = _manifest(pipe, opset, dtype, files, written, refit, nets, with_controls)
+        _publish(staging, output, files, written, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 
+def _publish(staging, output, files, written, manifest):
+    """Move the finished graphs from `staging` into `output`, then write the manifest.
+
+    The old export stays whole until every new graph is written. Its manifest goes first, so
+    during the moves (renames, no copying) the folder holds no manifest and no backend loads a
+    mix of old and new graphs; the new manifest, written atomically, comes last."""
+    old_manifest = os.path.join(output, mf.MANIFEST)
+    if os.path.lexists(old_manifest):
+        os.remove(old_manifest)
+    for stage, name in files.items():
+        data = name + ".data"
+        os.replace(os.path.join(staging, name), os.path.join(output, name))
+        if written[stage]["external_data"]:
+            os.replace(os.path.join(staging, data), os.path.join(output, data))
+        elif os.path.lexists(os.path.join(output, data)):
+            os.remove(os.path.join(output, data))          # the old graph's, now stale
+    mf.write(output, manifest)
+
+
 def _check_free(output, names, overwrite):
-    if os.path.exists(output) and not os.path.isdir(output):
-        raise SdfastError(f"{output} exists and is not a folder")
+    mf.check_folder(output)
     if overwrite or not os.path.isdir(output):
         return
     names = [mf.MANIFEST, *names, *(n + ".data" for n in names)]

@@ -47,12 +47,13 @@ def weights_file(stage):
 def build_engines(onnx_dir, output, shapes, fp16=False, refit=False, overwrite=False):
     """Build the engines of the ONNX export `onnx_dir` into `output` for `shapes`
     (`profiles.BuildShapes`). Returns the engines' manifest."""
-    trt = _trt()
     onnx_dir, output = os.fspath(onnx_dir), os.fspath(output)
+    check_output(onnx_dir, output)
     manifest = mf.read(onnx_dir, "sdfast-onnx")
     profiles = compute_profiles(manifest, shapes)
     _check_free(output, profiles, overwrite)
-    os.makedirs(output, exist_ok=True)
+    trt = _trt()
+    mf.make_folder(output)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     cache_path = os.path.join(output, TIMING_CACHE)
@@ -96,6 +97,18 @@ def _spec(manifest, stage):
     if stage.startswith("controlnet/"):
         return manifest["controlnets"][stage.split("/", 1)[1]]
     return manifest["graphs"][stage]
+
+
+def check_output(onnx_dir, output):
+    """Refuse, before TensorRT is imported or anything is built, an output folder that is the
+    ONNX export itself (the engines' manifest.json would replace the export's, even with
+    --overwrite) or that cannot be used as a folder (a file, under a file, not writable)."""
+    onnx_dir, output = os.fspath(onnx_dir), os.fspath(output)
+    if os.path.realpath(output) == os.path.realpath(onnx_dir):
+        raise SdfastError(f"-o {output} is the ONNX export folder (--onnx {onnx_dir}): the "
+                          "engines' manifest.json would replace the export's; choose another "
+                          "output folder")
+    mf.check_folder(output)
 
 
 def _check_free(output, profiles, overwrite):
@@ -252,4 +265,5 @@ def open_engines(folder, device=None, prediction=None):
                           "tensorrt", prediction)
 
 
-__all__ = ["build_engines", "open_engines", "TrtRunner", "SafetensorsWeights", "engine_file"]
+__all__ = ["build_engines", "check_output", "open_engines", "TrtRunner", "SafetensorsWeights",
+           "engine_file"]

@@ -5,7 +5,7 @@ import os
 
 from PIL import PngImagePlugin
 
-from ..errors import SdfastError
+from ..errors import SdfastError, WriteError
 
 # A1111's display names for samplers and schedule types.
 A1111_SAMPLERS = {
@@ -60,18 +60,21 @@ def a1111_parameters(prompt, negative_prompt, *, steps, sampler, scheduler, cfg,
 
 
 def save_png(image, path, parameters, overwrite=False):
-    """Write `image` with its `parameters` chunk. Without `overwrite`, an existing file is never
-    replaced: the file is created exclusively, so a race cannot clobber one either."""
+    """Write `image` with its `parameters` chunk, atomically (`sdfast.io.save.write_atomic`: a
+    temporary file in the same folder, renamed when complete; a failed write leaves no partial
+    file and any existing file intact). Without `overwrite`, an existing file is never
+    replaced, even one that appears while the image is encoded."""
+    from .save import write_atomic
+
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
-    mode = "wb" if overwrite else "xb"
     try:
-        with open(path, mode) as fh:
-            image.save(fh, format="PNG", pnginfo=info)
+        write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info),
+                     overwrite=overwrite)
     except FileExistsError:
         raise SdfastError(f"{path}: exists (use --overwrite to replace it)") from None
     except OSError as exc:
-        raise SdfastError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        raise WriteError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
 def free_paths(path, count, overwrite=False):

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import SdfastError
 from .layers import key_indices
 
 __all__ = ["CLIPTextConfig", "CLIPTextModel", "OpenCLIPTextConfig", "OpenCLIPTextModel",
@@ -169,7 +170,9 @@ def _causal_attention(q, k, v, heads):
 def _blocks_to_run(n_output, clip_skip):
     """How many blocks to run for `clip_skip` when block `n_output` (1-based) is the normal one."""
     if not 1 <= clip_skip <= n_output:
-        raise ValueError(f"clip_skip must be in [1, {n_output}] for this model, got {clip_skip}")
+        # SdfastError (a ValueError): bad user input, one line on the command line
+        raise SdfastError(f"clip_skip {clip_skip} is out of range: this model's text encoder "
+                          f"takes 1 to {n_output}")
     return n_output - clip_skip + 1
 
 

@@ -184,6 +184,8 @@ def _read_toml(path):
         raise SdfastError(f"{path}: no such dataset config") from None
     except tomllib.TOMLDecodeError as exc:
         raise SdfastError(f"{path}: not valid TOML ({exc})") from None
+    except UnicodeDecodeError:
+        raise SdfastError(f"{path}: not a TOML dataset config (not UTF-8 text)") from None
     except OSError as exc:
         raise SdfastError(f"{path}: cannot read ({exc.strerror})") from None
 

@@ -53,7 +53,12 @@ class MicroBatch:
 
 
 def _first_line(path):
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SdfastError(f"{path}: caption file is not UTF-8 text") from None
+    except OSError as exc:
+        raise SdfastError(f"{path}: cannot read the caption ({exc.strerror or exc})") from None
     return text.splitlines()[0].strip() if text.strip() else ""
 
 

@@ -33,7 +33,7 @@ from .config import load_dataset_config
 from .dataset import TrainData
 from .loop import train_loop
 from .objectives import VAE_SCALE
-from .run import TrainRun, state_name
+from .run import TrainRun, check_folder, make_folder, state_name
 
 LATENT_MODES = ("sample", "mean")
 _CACHE_TAG = 1          # first word of the latent cache's generator seeds
@@ -90,6 +90,10 @@ def check_common_options(o):
             raise SdfastError("cache_latents_to_disk must be True or a folder, got "
                               f"{o['cache_latents_to_disk']!r}")
         o["cache_latents"] = True
+    check_folder(o["output_dir"], "output_dir")
+    cache_folder = latent_cache_folder(o)
+    if cache_folder is not None:
+        check_folder(cache_folder, "cache_latents_to_disk")
     if o["min_snr_gamma"] is not None:
         positive("min_snr_gamma", o["min_snr_gamma"], float)
     if not isinstance(o["debiased_estimation_loss"], bool):
@@ -155,7 +159,7 @@ class LatentCache:
         self.vae, self.data, self.mode, self.seed, self.device = vae, data, mode, seed, device
         self.folder, self.vae_key = (None if folder is None else Path(folder)), vae_key
         if self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            make_folder(self.folder, "cache_latents_to_disk")
         self.latents = {}
         by_size = {}
         for index, item in enumerate(data.items):

@@ -224,6 +224,12 @@ class Lora(Method):
         if o["network_train_unet_only"] and o["network_train_text_encoder_only"]:
             raise SdfastError("network_train_unet_only and network_train_text_encoder_only "
                               "exclude each other")
+        if o["network_train_unet_only"] and o["text_encoder_lr"] is not None:
+            raise SdfastError("text_encoder_lr needs the text encoder trained (not with "
+                              "network_train_unet_only)")
+        if o["network_train_text_encoder_only"] and o["unet_lr"] is not None:
+            raise SdfastError("unet_lr needs the UNet trained (not with "
+                              "network_train_text_encoder_only)")
         self.options = o
 
     def check_data(self, data, o):

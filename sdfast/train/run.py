@@ -27,6 +27,7 @@ import uuid
 from pathlib import Path
 
 from ..errors import SdfastError
+from ..io.save import check_folder, make_folder
 from .losslog import CSV_NAME, PNG_NAME
 
 RUN_ID_KEY = "sdfast.train.run_id"
@@ -104,7 +105,7 @@ class TrainRun:
             self._read_resume(resume)
         self.check_outputs()
         if accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            make_folder(self.output_dir, "output_dir")
         accelerator.wait_for_everyone()
 
     def _read_resume(self, resume):
@@ -143,7 +144,9 @@ class TrainRun:
         return self.model_paths(step)[0]
 
     def check_outputs(self):
-        """Refuse up front any name this run would write that another run owns."""
+        """Refuse up front any name this run would write that another run owns, and an
+        output folder that cannot be one."""
+        check_folder(self.output_dir, "output_dir")
         for step in self.save_steps():
             for path in self.model_paths(step):
                 if path.exists() and file_owner(path) != self.run_id:
@@ -211,4 +214,4 @@ def _replace_folder(tmp, final, run_id):
 
 
 __all__ = ["RUN_ID_KEY", "STATE_FILE", "TrainRun", "checkpoint_name", "state_name",
-           "file_owner", "find_state", "read_state_info"]
+           "file_owner", "find_state", "read_state_info", "check_folder", "make_folder"]
