@@ -117,7 +117,7 @@ def lora_merge_(weight, up, down, scale, backend=None, base=None):
             raise SdfastError(f"lora_merge_: {len(weight)} weights but {len(up)} ups, {len(down)} "
                               f"downs, {len(scale)} scales, {len(bases)} bases")
         calls = [c for c in map(_lora_args, weight, up, down, scale, bases) if c[0].numel()]
-        if _custom.eager(*(t for w, ups, downs, _, b in calls for t in (w, *ups, *downs)
+        if _custom.eager(*(t for w, ups, downs, _, b in calls for t in (w, *ups, *downs, b)
                            if t is not None)):
             _custom.run_lora_merge_layers(calls, backend)
         else:

@@ -64,8 +64,8 @@ def supports_group_norm(x, num_groups, weight, bias, eps, silu, add):
 #   10 K elements about even, below that the fixed per-call cost loses to torch); threaded:
 #   see GN_MIN_NUMEL_THREADED;
 # - attention: with AVX-512 the kernel wins cross-attention up to head dim 80 and
-#   self-attention up to head dim 64 at every SD length (see ATTN_MAX_HEAD_DIM_SELF); with AVX2 only with one key block (csrc/cpu/
-#   attention.cpp kWholeKV) at cross-attention shapes up to head dim 48 (ATTN_MAX_KEYS_AVX2);
+#   self-attention up to head dim 64 at every SD length (see ATTN_MAX_HEAD_DIM_SELF); with
+#   AVX2 only with one key block (csrc/cpu/attention.cpp kWholeKV) at cross-attention shapes up to head dim 48 (ATTN_MAX_KEYS_AVX2);
 # - LoRA merge: always (the reference recomputes in fp32 copies; the kernel is one pass).
 # - conv2d, from 16 channels in and out (with fewer, the UNet's 4-channel and the VAE's RGB
 #   convs, 0.7-1.2x): 3x3 stride 1 (Winograd) 1.7-2.8x over oneDNN at every SD UNet and VAE
@@ -218,10 +218,15 @@ def supports_lora_merge(weight, ups, downs, scales, base=None):
     return True
 
 
+def _unit_columns(m):
+    """Whether the kernel can read the 2-d `m` in place: unit column stride (or one column)."""
+    return m.stride(1) == 1 or m.shape[1] == 1
+
+
 def _matrix(t, rows):
     """`t` as a float32 [rows, -1] matrix with unit column stride (a view when possible)."""
     t = t.detach().to(torch.float32).reshape(rows, -1)
-    return t if t.stride(1) == 1 or t.shape[1] == 1 else t.contiguous()
+    return t if _unit_columns(t) else t.contiguous()
 
 
 def _lora_layer(weight, ups, downs, scales, base=None):
@@ -231,11 +236,11 @@ def _lora_layer(weight, ups, downs, scales, base=None):
     else copied into the target first)."""
     o = weight.shape[0]
     target = weight.detach().reshape(o, -1)
-    own_view = target.data_ptr() == weight.data_ptr() and (target.stride(1) == 1 or target.shape[1] == 1)
+    own_view = target.data_ptr() == weight.data_ptr() and _unit_columns(target)
     src = None
     if base is not None:
         src = base.detach().reshape(o, -1)
-        if not (own_view and (src.stride(1) == 1 or src.shape[1] == 1)):
+        if not (own_view and _unit_columns(src)):
             src = None
             with torch.no_grad():
                 weight.copy_(base)
