@@ -58,14 +58,14 @@ static void attention_f32(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, 
                           int64_t B, int64_t H, int64_t N, int64_t M, int64_t D,
                           std::vector<int64_t> q_strides, std::vector<int64_t> k_strides,
                           std::vector<int64_t> v_strides, std::vector<int64_t> o_strides,
-                          double scale, int64_t key_block, int threads) {
+                          double scale, int64_t key_block, int threads, int64_t queries_in_lanes) {
   AttentionParams p{ptr<const float>(q), ptr<const float>(k), ptr<const float>(v), ptr<float>(o),
                     B, H, N, M, D,
                     q_strides.at(0), q_strides.at(1), q_strides.at(2),
                     k_strides.at(0), k_strides.at(1), k_strides.at(2),
                     v_strides.at(0), v_strides.at(1), v_strides.at(2),
                     o_strides.at(0), o_strides.at(1), o_strides.at(2),
-                    static_cast<float>(scale), key_block};
+                    static_cast<float>(scale), key_block, queries_in_lanes};
   py::gil_scoped_release release;
   set_threads(threads);
   sdfast::cpu::attention(p);
@@ -143,7 +143,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("B"), py::arg("H"),
         py::arg("N"), py::arg("M"), py::arg("D"), py::arg("q_strides"), py::arg("k_strides"),
         py::arg("v_strides"), py::arg("o_strides"), py::arg("scale"), py::arg("key_block") = 0,
-        py::arg("threads") = 0);
+        py::arg("threads") = 0, py::arg("queries_in_lanes") = -1);
   m.def("lora_merge_f32", &lora_merge_f32,
         "W += sum_l scale_l up_l @ down_l in place, fp32; with src != 0, W = src + the same sum",
         py::arg("w"), py::arg("O"), py::arg("I"), py::arg("ldw"), py::arg("ups"), py::arg("ups_ld"),

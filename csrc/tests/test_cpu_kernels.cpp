@@ -76,7 +76,8 @@ static void test_group_norm(int64_t B, int64_t C, int64_t S, int64_t G, bool cha
   expect_close(name, y, ref, 5e-6);
 }
 
-static void test_attention(int64_t B, int64_t H, int64_t N, int64_t M, int64_t D, int64_t key_block) {
+// lanes: the score layout (AttentionParams::queries_in_lanes; -1 chosen by shape)
+static void test_attention(int64_t B, int64_t H, int64_t N, int64_t M, int64_t D, int64_t key_block, int64_t lanes) {
   auto q = randn(B * H * N * D, 5), k = randn(B * H * M * D, 6), v = randn(B * H * M * D, 7);
   std::vector<float> o(B * H * N * D);
   std::vector<double> ref(o.size()), s(M);
@@ -99,11 +100,11 @@ static void test_attention(int64_t B, int64_t H, int64_t N, int64_t M, int64_t D
     }
   AttentionParams p{q.data(), k.data(), v.data(), o.data(), B, H, N, M, D,
                     H * N * D, N * D, D, H * M * D, M * D, D, H * M * D, M * D, D, H * N * D, N * D, D,
-                    static_cast<float>(scale), key_block};
+                    static_cast<float>(scale), key_block, lanes};
   attention(p);
   char name[128];
-  std::snprintf(name, sizeof name, "attention B%lld H%lld N%lld M%lld D%lld kb%lld", (long long)B,
-                (long long)H, (long long)N, (long long)M, (long long)D, (long long)key_block);
+  std::snprintf(name, sizeof name, "attention B%lld H%lld N%lld M%lld D%lld kb%lld lanes%lld", (long long)B,
+                (long long)H, (long long)N, (long long)M, (long long)D, (long long)key_block, (long long)lanes);
   expect_close(name, o, ref, 2e-5);
 }
 
@@ -202,13 +203,18 @@ static void run_all() {
   test_group_norm(1, 1280, 9, 32, false, true, true);
   test_group_norm(3, 64, 8192, 32, true, true, true);   // 2 MB per batch entry: one per wave
   test_group_norm(2, 64, 0, 32, false, true, false);     // empty: nothing to do
-  test_attention(1, 2, 70, 77, 40, 0);
-  test_attention(2, 1, 33, 154, 80, 0);
-  test_attention(1, 1, 65, 300, 64, 64);
-  test_attention(1, 1, 17, 600, 160, 0);
-  test_attention(1, 2, 100, 77, 160, 0);
-  test_attention(1, 1, 50, 77, 72, 0);                  // head dim not a whole AVX-512 vector
-  test_attention(1, 1, 7, 1, 20, 0);                     // one key
+  // each case in both score layouts and as chosen by shape
+  for (int64_t lanes = -1; lanes <= 1; ++lanes) {
+    test_attention(1, 2, 70, 77, 40, 0, lanes);
+    test_attention(2, 1, 33, 154, 80, 0, lanes);
+    test_attention(1, 1, 65, 300, 64, 64, lanes);
+    test_attention(1, 1, 17, 600, 160, 0, lanes);
+    test_attention(1, 2, 100, 77, 160, 0, lanes);
+    test_attention(1, 1, 50, 77, 72, 0, lanes);         // head dim not a whole AVX-512 vector
+    test_attention(1, 1, 7, 1, 20, 0, lanes);           // one key
+    test_attention(2, 2, 97, 700, 40, 0, lanes);        // SD1.5's head dim, several key blocks
+    test_attention(1, 1, 49, 301, 37, 96, lanes);       // odd head dim and key block, 1 query over
+  }
   test_lora(45, 77, {1});
   test_lora(64, 321, {4, 7});
   test_lora(33, 9 * 20, {128});
