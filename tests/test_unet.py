@@ -350,11 +350,13 @@ def test_row_chunked_transformer_block_equals_the_whole_block(monkeypatch):
     chunks = []
     real = U.BasicTransformerBlock._row_local
     monkeypatch.setattr(U.BasicTransformerBlock, "_row_local",
-                        lambda self, x, c: chunks.append(x.shape[1]) or real(self, x, c))
+                        lambda self, x, c, kv=None: chunks.append(x.shape[1]) or real(self, x, c, kv))
+    context_rows = []  # the context's keys and values are projected once, not per chunk
+    block.attn2.to_k.register_forward_hook(lambda m, args, out: context_rows.append(args[0].shape[1]))
     with torch.inference_mode():
         monkeypatch.setattr(U, "ROW_CHUNK_ROWS", 64)
         chunked = block(x, context)
-        assert chunks == [32] * 9 + [12]
+        assert chunks == [32] * 9 + [12] and context_rows == [77]
         monkeypatch.setattr(U, "ROW_CHUNK_ROWS", 10 ** 9)
         whole = block(x, context)
         assert chunks[-1] == 300

@@ -180,12 +180,15 @@ class CrossAttention(nn.Module):
         # LDM's Dropout at index 1 has no weights; the projection stays `to_out.0`.
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim))
 
-    def forward(self, x, context=None):
-        ctx = x if context is None else context
+    def forward(self, x, context=None, kv=None):
+        """`kv`: `self.keys_values(context)` computed once for several calls on parts of `x`."""
         q = split_heads(self.to_q(x), self.heads)  # [B, N, C] -> [B, H, N, D]
-        k = split_heads(self.to_k(ctx), self.heads)  # [B, M, Cc] -> [B, H, M, D]
-        v = split_heads(self.to_v(ctx), self.heads)  # [B, M, Cc] -> [B, H, M, D]
+        k, v = self.keys_values(x if context is None else context) if kv is None else kv
         return self.to_out(merge_heads(attention(q, k, v)))  # [B, H, N, D] -> [B, N, C]
+
+    def keys_values(self, ctx):
+        """Keys and values `[B, H, M, D]` of the tokens `ctx` `[B, M, Cc]`."""
+        return split_heads(self.to_k(ctx), self.heads), split_heads(self.to_v(ctx), self.heads)
 
 
 class GEGLU(nn.Module):
@@ -230,13 +233,14 @@ class BasicTransformerBlock(nn.Module):
         if tokens is None:
             return self._row_local(x, context)
         out = torch.empty_like(x)
+        kv = self.attn2.keys_values(context)  # the context's keys and values: once, not per chunk
         for i in range(0, x.shape[1], tokens):
-            out[:, i:i + tokens] = self._row_local(x[:, i:i + tokens], context)
+            out[:, i:i + tokens] = self._row_local(x[:, i:i + tokens], context, kv)
         return out
 
-    def _row_local(self, x, context):
+    def _row_local(self, x, context, kv=None):
         """The part of the block where each token needs only itself (and the context)."""
-        x = x + self.attn2(self.norm2(x), context)
+        x = x + self.attn2(self.norm2(x), context, kv)
         return x + self.ff(self.norm3(x))
 
 
