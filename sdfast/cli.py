@@ -435,7 +435,16 @@ def run_parser(parser, argv, what="command"):
         return 130
 
 
+def torch_allocator_defaults():
+    """Before torch is imported: its CPU allocator asks for transparent huge pages on buffers of
+    2 MB and more (`THP_MEM_ALLOC_ENABLE`, read once by torch; a value the user set is kept).
+    A 512x512 VAE decode otherwise takes 1.4 million page faults on fresh 4 KB pages; with huge
+    pages about 47 thousand, and 4.57 -> 4.1 s here (same peak memory)."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def main(argv=None):
+    torch_allocator_defaults()
     return run_parser(build_parser(), argv)
 
 

@@ -166,3 +166,16 @@ def test_native_size_rules(metadata, family, prediction, expected):
 
     info = SimpleNamespace(family=family, prediction=prediction)
     assert native_size(metadata, info) == expected
+
+
+@pytest.mark.parametrize("user_value,huge", [(None, True), ("0", False)])
+def test_cli_asks_torch_for_huge_pages_unless_the_user_said_otherwise(user_value, huge):
+    # torch reads THP_MEM_ALLOC_ENABLE once, at its first allocation; with it, buffers of 2 MB and
+    # more are page-aligned (64-byte-aligned without), which is what this checks in a fresh process.
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if user_value is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = user_value
+    code = ("import sdfast.cli as c; c.torch_allocator_defaults(); import torch; "
+            "print(all(torch.empty(n).data_ptr() % 4096 == 0 for n in (10 ** 6, 2 * 10 ** 6, 3 * 10 ** 6)))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(huge)
