@@ -314,3 +314,35 @@ def test_ctest_cpu_kernels():
     out = subprocess.run(["ctest", "--test-dir", build, "--output-on-failure"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+
+
+def test_cpu_kernels_called_from_several_threads_at_once():
+    # The cpu kernels keep buffers between calls (attention's packed K/V per calling thread,
+    # Winograd's per worker thread); calls from several Python threads at once (the GIL is
+    # released inside) must each get exactly what one call alone gets.
+    import threading
+
+    if "cpu" not in BACKENDS:
+        pytest.skip("no cpu backend here")
+    g = torch.Generator().manual_seed(0)
+    qs = [torch.randn(1, 2, n, 40, generator=g) for n in (600, 700, 900)]  # > 512 keys: tiled
+    xs = [torch.randn(1, c, 19, 23, generator=g).contiguous(memory_format=torch.channels_last)
+          for c in (32, 48)]
+    ws = [torch.randn(16, x.shape[1], 3, 3, generator=g) for x in xs]
+    alone = ([ops.attention(q, q, q, backend="cpu") for q in qs],
+             [ops.conv2d(x, w, padding=1, backend="cpu") for x, w in zip(xs, ws)])
+    mismatches = []
+
+    def work():
+        for _ in range(4):
+            for q, want in zip(qs, alone[0]):
+                mismatches.append(not torch.equal(ops.attention(q, q, q, backend="cpu"), want))
+            for x, w, want in zip(xs, ws, alone[1]):
+                mismatches.append(not torch.equal(ops.conv2d(x, w, padding=1, backend="cpu"), want))
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(mismatches) == 3 * 4 * 5 and not any(mismatches)

@@ -166,20 +166,22 @@ template <class MakeScratch, class Pack, class Block>
 void run_tasks(const AttentionParams& p, int64_t kv_size, int64_t qb, MakeScratch make_scratch, Pack pack,
                Block block) {
   const int64_t BH = p.B * p.H;
-  Buf<float> kv(BH * kv_size);
+  static thread_local Buf<float> kv_buf;  // the calling thread's, kept between calls
+  kv_buf.reserve(BH * kv_size);
+  float* kv = kv_buf.data();  // (inside the parallel region kv_buf would name each thread's own)
   const bool all_heads = p.H * kv_size * 4 <= kKVCacheBytes;
   const int64_t hpt = all_heads ? p.H : 1, groups = p.H / hpt;
   const int64_t nqb = (p.N + qb - 1) / qb, tasks = p.B * groups * nqb;
 #pragma omp parallel
   {
 #pragma omp for schedule(static)
-    for (int64_t bh = 0; bh < BH; ++bh) pack(bh / p.H, bh % p.H, kv.data() + bh * kv_size);
+    for (int64_t bh = 0; bh < BH; ++bh) pack(bh / p.H, bh % p.H, kv + bh * kv_size);
     auto w = make_scratch();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t bg = t / nqb, i0 = t % nqb * qb, b = bg / groups;
       for (int64_t h = bg % groups * hpt; h < (bg % groups + 1) * hpt; ++h)
-        block(b, h, i0, imin(qb, p.N - i0), kv.data() + (b * p.H + h) * kv_size, *w);
+        block(b, h, i0, imin(qb, p.N - i0), kv + (b * p.H + h) * kv_size, *w);
     }
   }
 }

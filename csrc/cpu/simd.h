@@ -146,6 +146,12 @@ class Buf {
   void resize(int64_t n) {
     release();
     p_ = static_cast<T*>(::operator new(static_cast<size_t>(n > 0 ? n : 1) * sizeof(T), std::align_val_t(64)));
+    capacity_ = n;
+  }
+  // At least n elements, the old ones kept only when no new memory was needed: a buffer kept
+  // between calls (thread_local) reuses its pages instead of faulting fresh ones in each call.
+  void reserve(int64_t n) {
+    if (n > capacity_) resize(n);
   }
   T* data() { return p_; }
   T& operator[](int64_t i) { return p_[i]; }
@@ -156,6 +162,7 @@ class Buf {
     p_ = nullptr;
   }
   T* p_ = nullptr;
+  int64_t capacity_ = 0;
 };
 
 // Prefetch into L2 the lines of n floats at p.

@@ -203,15 +203,7 @@ void output_transform(const Conv3x3Params& p, const Tiles& tiles, int64_t t0, in
 // Per-thread buffers, kept between calls (OpenMP threads persist): no page faults per call.
 struct Scratch {
   Buf<float> V, U, M;
-  int64_t nv = 0, nu = 0, nm = 0;
 };
-
-void reserve(Buf<float>& buf, int64_t& have, int64_t need) {
-  if (need > have) {
-    buf.resize(need);
-    have = need;
-  }
-}
 
 Scratch& scratch() {
   static thread_local Scratch s;
@@ -233,9 +225,9 @@ void conv3x3_winograd(const Conv3x3Params& p) {
 #pragma omp parallel
   {
     Scratch& s = scratch();
-    reserve(s.V, s.nv, kPos * pos_stride(tb_size * p.Cin));
-    reserve(s.U, s.nu, kPos * pos_stride(kKB * kNB));
-    reserve(s.M, s.nm, kPos * pos_stride(tb_size * kNB));
+    s.V.reserve(kPos * pos_stride(tb_size * p.Cin));
+    s.U.reserve(kPos * pos_stride(kKB * kNB));
+    s.M.reserve(kPos * pos_stride(tb_size * kNB));
     int64_t have = -1;  // the tile block s.V holds
     for_each_task_ahead(counter, tasks, [&](int64_t task, int64_t) {
       const int64_t tblk = task / n_co, o0 = (task % n_co) * kNB;
