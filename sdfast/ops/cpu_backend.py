@@ -87,14 +87,13 @@ ATTN_MAX_HEAD_DIM_AVX2 = 48
 ATTN_MAX_KEYS_AVX2 = 160
 # AVX-512, the quiet 2-thread run (bench/results/cpu-sd15-kernels.json): cross-attention (77
 # keys) 2.1x at head dim 40, 1.4x at 80 (1.15x with 77 queries), 0.9x at 160. Self-attention,
-# 2 threads, contiguous [B, H, N, D] (as the UNet calls it: q/k/v heads viewed out of
-# [B, N, H*D] projections, the output merged back), quiet machine, 2026-12-03: head dim 40
-# 1.08x (1.24x) at 256 tokens, 1.18x (1.20x) at 1024, 1.21x (1.25x) at 4096, 0.82x at 64 (no
-# SD model has 64 tokens at head dim 40); head dim 64 1.06-1.09x (1.07-1.12x) at 256-4096
-# tokens; head dim 80 about even or behind: 0.69x at 256 tokens, 0.93-0.98x at 576-1024,
-# 1.01-1.05x at 1536-2304, 0.93-0.96x at 4096. So self-attention takes the kernel up to head
-# dim 64; head dim 80 only with up to two prompt chunks of keys; head dim 160 (0.86-0.92x at
-# 64-4096 keys) and the VAE's one 512-wide head (0.54x) stay on SDPA.
+# 2 threads, B 2, H 8, q/k/v heads viewed out of [B, N, H*D] projections as the UNet makes
+# them, since the long-sequence layout with the queries in the vector lanes
+# (csrc/cpu/attention.cpp): head dim 40 1.06x at 256 tokens, 1.29x at 1024, 1.46-1.51x at
+# 4096; head dim 64 1.04x, 1.14x, 1.17-1.20x; head dim 80 about even (0.95x at 256, 1.05x at
+# 1024, 1.03x at 4096; before that layout 0.69x at 256 tokens). So self-attention takes the
+# kernel up to head dim 64; head dim 80 only with up to two prompt chunks of keys; head dim
+# 160 (0.99x at 256-1024 tokens, 0.69x at 64) and the VAE's one 512-wide head stay on SDPA.
 ATTN_MAX_HEAD_DIM = 80
 ATTN_MAX_HEAD_DIM_SELF = 64
 
