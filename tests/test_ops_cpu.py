@@ -132,6 +132,7 @@ ATTN_CASES = [  # (B, heads, N, M, D, layout): head dims 40, 64, 80, 160 x 77 an
     (1, 1, 4096, 4096, 40, "heads"),   # SD1.5 64x64 self-attention: the tiled online softmax
                                        # (cpu: queries in the vector lanes, csrc/cpu/attention.cpp)
     (1, 1, 200, 2100, 80, "contiguous"),  # cpu: the lanes layout at a whole-vector head dim
+    (2, 2, 97, 700, 40, "heads"),      # cpu: the lanes layout on the models' strided heads
     (1, 2, 333, 999, 64, "heads"),     # a key length that is no multiple of any tile
     (1, 1, 7, 1, 8, "contiguous"),     # a single key
 ]

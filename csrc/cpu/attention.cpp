@@ -10,8 +10,9 @@
 // and finally o = O / l. With M <= kWholeKV one key block holds the whole K/V of a head
 // (cross-attention: 77 x chunks keys): the softmax is the exact one-block softmax, with no
 // rescaling, K/V stay in cache for every query block, and o = (P V) / l is written straight
-// from the GEMM's registers. Longer M runs the tiled online-softmax loop, for long self-attention
-// in a transposed layout with the queries along the vector lanes (see attention_t below).
+// from the GEMM's registers. Longer M runs the tiled online-softmax loop; from 600 keys at a
+// head dim that is not whole vectors, or from 2048 keys, in a transposed layout with the
+// queries along the vector lanes instead (attention_t below; the choice is in attention()).
 #include <omp.h>
 
 #include <cmath>
@@ -155,6 +156,21 @@ void query_block(const AttentionParams& p, const Shape& s, int64_t b, int64_t h,
   for (int64_t r = 0; r < rows; ++r) scale_row(O + r * s.Dp, o + r * p.son, p.D, 1.0f / l[r]);
 }
 
+// n floats for the packed K/V of one call: the calling thread's buffer, kept between its calls
+// (no fresh pages per call) up to kKeepKV floats; a larger one (e.g. 16384 tokens) only for
+// this call, in `local`.
+constexpr int64_t kKeepKV = int64_t(1) << 24;  // 64 MB (SD1.5 64x64 self-attention: 21 MB)
+
+float* kv_buffer(int64_t n, Buf<float>& local) {
+  static thread_local Buf<float> kept;
+  if (n > kKeepKV) {
+    local.resize(n);
+    return local.data();
+  }
+  kept.reserve(n);
+  return kept.data();
+}
+
 // One attention call: pack(b, h, kv) packs each head's K and V into its kv_size floats of a
 // buffer; then block(b, h, i0, rows, kv, scratch) runs blocks of qb queries, a scratch made by
 // make_scratch() per thread. A task is a block of queries of one batch entry, for every head in
@@ -166,9 +182,9 @@ template <class MakeScratch, class Pack, class Block>
 void run_tasks(const AttentionParams& p, int64_t kv_size, int64_t qb, MakeScratch make_scratch, Pack pack,
                Block block) {
   const int64_t BH = p.B * p.H;
-  static thread_local Buf<float> kv_buf;  // the calling thread's, kept between calls
-  kv_buf.reserve(BH * kv_size);
-  float* kv = kv_buf.data();  // (inside the parallel region kv_buf would name each thread's own)
+  Buf<float> local;
+  float* const kv = kv_buffer(BH * kv_size, local);  // (a thread_local named inside the parallel
+                                                     // region would be each worker's own)
   const bool all_heads = p.H * kv_size * 4 <= kKVCacheBytes;
   const int64_t hpt = all_heads ? p.H : 1, groups = p.H / hpt;
   const int64_t nqb = (p.N + qb - 1) / qb, tasks = p.B * groups * nqb;
@@ -291,7 +307,7 @@ void attention_t(const AttentionParams& p) {
 }  // namespace
 
 void attention(const AttentionParams& p) {
-  if (p.B * p.H * p.N * p.D == 0) return;  // M >= 1 (checked on the Python side)
+  if (p.B * p.H * p.N * p.D == 0 || p.M == 0) return;  // (M >= 1 is checked on the Python side)
   // Measured (AVX-512, 2 threads, B 2, H 8): the lanes layout wins at D 40 from 600 keys
   // (3.2 vs 3.5 ms; 4096: 122 vs 151 ms) and at D 32-80 from 4096 keys (D 64: 199 vs 224 ms),
   // loses on one key block (cross-attention, <= kWholeKV keys: 77 keys D 80 1.8 vs 1.2 ms) and

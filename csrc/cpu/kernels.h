@@ -36,7 +36,7 @@ struct AttentionParams {
   const float* q; const float* k; const float* v; float* o;
   int64_t B, H, N, M, D;
   int64_t sqb, sqh, sqn, skb, skh, skm, svb, svh, svm, sob, soh, son;
-  float scale; int64_t key_block;
+  float scale; int64_t key_block;  // scale > 0 (the running maxima are of the unscaled scores)
   // Layout of the score tiles: 0 queries as rows (keys along the vector lanes), 1 keys as rows
   // (queries along the lanes), -1 chosen by shape (csrc/cpu/attention.cpp).
   int64_t queries_in_lanes = -1;

@@ -160,6 +160,7 @@ class Buf {
   void release() {
     if (p_) ::operator delete(p_, std::align_val_t(64));
     p_ = nullptr;
+    capacity_ = 0;  // (a failed resize leaves an empty buffer that the next reserve refills)
   }
   T* p_ = nullptr;
   int64_t capacity_ = 0;

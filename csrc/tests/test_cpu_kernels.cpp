@@ -214,6 +214,7 @@ static void run_all() {
     test_attention(1, 1, 7, 1, 20, 0, lanes);           // one key
     test_attention(2, 2, 97, 700, 40, 0, lanes);        // SD1.5's head dim, several key blocks
     test_attention(1, 1, 49, 301, 37, 96, lanes);       // odd head dim and key block, 1 query over
+    test_attention(1, 2, 1, 650, 40, 37, lanes);        // one query; a key block of no vector multiple
   }
   test_lora(45, 77, {1});
   test_lora(64, 321, {4, 7});

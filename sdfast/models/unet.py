@@ -181,7 +181,8 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim))
 
     def forward(self, x, context=None, kv=None):
-        """`kv`: `self.keys_values(context)` computed once for several calls on parts of `x`."""
+        """`kv`: `self.keys_values(context)` computed once for several calls on parts of `x`
+        (`context` is then not read)."""
         q = split_heads(self.to_q(x), self.heads)  # [B, N, C] -> [B, H, N, D]
         k, v = self.keys_values(x if context is None else context) if kv is None else kv
         return self.to_out(merge_heads(attention(q, k, v)))  # [B, H, N, D] -> [B, N, C]
@@ -240,7 +241,7 @@ class BasicTransformerBlock(nn.Module):
 
     def _row_local(self, x, context, kv=None):
         """The part of the block where each token needs only itself (and the context)."""
-        x = x + self.attn2(self.norm2(x), context, kv)
+        x = x + self.attn2(self.norm2(x), context, kv=kv)
         return x + self.ff(self.norm3(x))
 
 
