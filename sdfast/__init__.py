@@ -54,11 +54,6 @@ def check_device(device, what="device"):
     return parsed
 
 
-def _default_device(device):
-    """The device `load` / `load_controlnet` use: `check_device`'s."""
-    return check_device(device)
-
-
 def load(path=None, device=None, dtype=None, prediction=None, backend="torch",
          channels_last=False):
     """Load a Stable Diffusion 1.x / 2.x model into a ready `Pipeline`.
@@ -89,7 +84,7 @@ def load(path=None, device=None, dtype=None, prediction=None, backend="torch",
     from .pipeline import Pipeline
 
     path = resolve_model(path)
-    device = _default_device(device)
+    device = check_device(device)
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     parts = load_components(path, device=device, dtype=dtype, prediction=prediction)

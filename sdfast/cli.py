@@ -229,11 +229,9 @@ def _generate(args):
 def _output_folder(output):
     """Create the folder of the `-o` path (A1111 and ComfyUI create their output folders) before
     any work; a path through a file, or a folder that cannot be made, is an error."""
-    folder = os.path.dirname(os.path.abspath(output))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise SdfastError(f"{output}: cannot create its folder ({exc.strerror})") from None
+    from .io.save import make_folder
+
+    make_folder(os.path.dirname(os.path.abspath(output)), "-o", shown=output)
 
 
 def _render(pipe, args, controls, cache, prompt, seed, paths):
@@ -359,14 +357,9 @@ def _check_merge_output(output, overwrite):
                           ".safetensors)")
     if os.path.lexists(output) and not overwrite:
         raise SdfastError(f"{output} exists (pass --overwrite to replace it)")
-    folder = os.path.dirname(os.path.abspath(output))
-    existing = folder
-    while not os.path.exists(existing):                     # the first folder that exists
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise SdfastError(f"-o {output}: cannot create its folder ({existing} is not a folder)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise SdfastError(f"-o {output}: {existing} is not writable")
+    from .io.save import check_folder
+
+    check_folder(os.path.dirname(os.path.abspath(output)), "-o", shown=output)
 
 
 def _lora_merge(args):

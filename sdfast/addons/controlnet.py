@@ -70,12 +70,12 @@ def _read(path):
 def load_controlnet(path, device=None, dtype=None):
     """Load a ControlNet for SD1.x or SD2.x. Returns a `ControlNetModel` (eval, frozen) with
     `.source`; `device`/`dtype` default as in `sdfast.load`."""
-    from sdfast import _default_device
+    from sdfast import check_device
     from sdfast.io.load import build_module, unet_heads
     from sdfast.models.controlnet import ControlNetConfig, ControlNetModel
 
     sd, metadata = _read(path)
-    device = _default_device(device)
+    device = check_device(device)
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     try:
