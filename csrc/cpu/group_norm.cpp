@@ -1,23 +1,26 @@
 // GroupNorm (+ optional per-(batch, channel) add before the norm, + optional SiLU), fp32.
 //
-// Statistics: per-channel sums of x - shift_c (shift_c one element of the channel, so
-// sum(d^2) - sum(d)^2 / S does not cancel), in fp32 partials flushed into double every
-// kFlush vectors or rows; then per group the Chan combination mean_g = avg_c mean_c, M2_g =
-// sum_c M2_c + S sum_c (mean_c - mean_g)^2, with add[b, c] folded into mean_c (it shifts a
-// channel, not its spread), and per channel y = act(x * a_c + t_c), a_c = rstd_g w_c,
-// t_c = b_c + (add_c - mean_g) a_c.
+// Statistics are sums of d = v - shift and d^2 (v = x + add[b, c], shift one value of the
+// group or channel, so sum(d^2) - sum(d)^2 / n does not cancel), in fp32 vector partials
+// flushed into double every kFlush vectors; then per channel y = act(x * a_c + t_c),
+// a_c = rstd_g w_c, t_c = b_c + (add_c - mean_g) a_c.
 //
 // Rows contiguous per channel (NCHW, [B, C, N]): one task per (batch, group), x read from
 // memory once: a thread normalises its current group from L2 (an SD1.5 group is 10-160 KB)
 // in the same loop that sums its next group's rows from memory, so those loads overlap the
-// SiLU arithmetic. Channels-last (and HW = 1): a group is strided over every row, and reading it
-// strided wastes half the bandwidth, so two phases over contiguous chunks of rows instead:
-// each thread sums its chunks into its own per-channel accumulators; then per group the
-// threads' sums are combined; then each thread normalises its chunks, last read first (those
-// are still in cache), in waves of batch entries sized for L2.
+// SiLU arithmetic. The whole group shares one shift and one set of vector accumulators, so a
+// channel of a few vectors (4x4 and 8x8 latents) costs no reduction of its own.
+// Channels-last (and HW = 1): a group is strided over every row, and reading it strided
+// wastes half the bandwidth, so two phases over contiguous chunks of rows instead: each
+// thread sums its chunks into its own per-channel accumulators (shift_c: the channel's value
+// in the entry's first row); then per group the threads' sums are combined (the Chan
+// combination M2_g = sum_c M2_c + S sum_c (mean_c - mean_g)^2, add folded into mean_c); then
+// each thread normalises its chunks, last read first (those are still in cache), in waves of
+// batch entries sized for L2.
 #include <omp.h>
 
 #include <cmath>
+#include <utility>
 
 #include "isa_kernels.h"
 #include "simd.h"
@@ -70,7 +73,20 @@ void rows_sums(const float* x, int64_t rows, int64_t sxs, int64_t cn, const floa
   }
 }
 
-// Per-channel affine (a, t) of the channels [c0, c0 + cg) of one group of batch entry b.
+// Per-channel affine (a, t) of the channels [c0, c0 + cg) of one group of batch entry b, whose
+// values (x + add) have mean `mean` and sum of squared deviations m2.
+void group_affine(const GroupNormParams& p, int64_t b, int64_t c0, int64_t cg, double mean, double m2, float* a,
+                  float* t) {
+  const double rstd = 1.0 / std::sqrt((m2 > 0.0 ? m2 : 0.0) / (static_cast<double>(p.S) * cg) + p.eps);
+  for (int64_t c = 0; c < cg; ++c) {
+    const double w = p.weight ? p.weight[c0 + c] : 1.0, bias = p.bias ? p.bias[c0 + c] : 0.0;
+    const double add = p.add ? p.add[b * p.sab + (c0 + c) * p.sac] : 0.0;
+    a[c] = static_cast<float>(rstd * w);
+    t[c] = static_cast<float>(bias + (add - mean) * rstd * w);
+  }
+}
+
+// The same from per-channel moments of x (the Chan combination, add folded into each mean).
 void group_affine(const GroupNormParams& p, int64_t b, int64_t c0, int64_t cg, Moments* mom, float* a, float* t) {
   double mean = 0.0;
   for (int64_t c = 0; c < cg; ++c) {
@@ -83,13 +99,7 @@ void group_affine(const GroupNormParams& p, int64_t b, int64_t c0, int64_t cg, M
     const double dev = mom[c].mean - mean;
     m2 += mom[c].m2 + p.S * dev * dev;
   }
-  const double rstd = 1.0 / std::sqrt(m2 / (static_cast<double>(p.S) * cg) + p.eps);
-  for (int64_t c = 0; c < cg; ++c) {
-    const double w = p.weight ? p.weight[c0 + c] : 1.0, bias = p.bias ? p.bias[c0 + c] : 0.0;
-    const double add = p.add ? p.add[b * p.sab + (c0 + c) * p.sac] : 0.0;
-    a[c] = static_cast<float>(rstd * w);
-    t[c] = static_cast<float>(bias + (add - mean) * rstd * w);
-  }
+  group_affine(p, b, c0, cg, mean, m2, a, t);
 }
 
 // y[i] = act(x[i] * a[i] + t[i]) over a contiguous row of n.
@@ -103,81 +113,114 @@ void affine_row(const float* x, float* y, int64_t n, const float* a, const float
   }
 }
 
-// One pass over a contiguous row of n floats: y[i] = act(x[i] * a + t) (kNorm), and the
-// moments of another row xs[0, n) (kSum): the next task's, read in the same loop so that its
-// loads overlap this row's arithmetic. Two accumulator pairs; fp32 partials flushed into
-// double every kFlush vectors.
+// Moments of one group, summed as d = x + off_c (off_c = add_c - shift, shift the group's first
+// value): fp32 vector partials in two pairs (channels alternate between them), flushed into
+// double every kFlush vectors; one horizontal reduction per flush, not per channel.
+struct GroupSums {
+  vf a1, a2, b1, b2;
+  int64_t count;
+  double s1, s2;
+  void reset() {
+    a1 = a2 = b1 = b2 = vzero();
+    count = 0;
+    s1 = s2 = 0.0;
+  }
+  void flush() {
+    s1 += vsum(vadd(a1, b1));
+    s2 += vsum(vadd(a2, b2));
+    a1 = a2 = b1 = b2 = vzero();
+    count = 0;
+  }
+};
+
+// One pass over the cg channels (stride sxc / syc, S contiguous values each) of two groups:
+// y = act(x * a_c + t_c) for the current one (kNorm) and the moments of the next one, xs, into
+// g (kSum): its loads overlap the current group's arithmetic.
 template <bool kNorm, bool kSum, bool kSilu>
-Moments row_pass(const float* x, float* y, float a, float t, const float* xs, int64_t n) {
-  const vf va = vset(a), vt = vset(t);
-  const float shift = kSum ? xs[0] : 0.0f;
-  const vf sh = vset(shift);
-  const int64_t full = n / kW * kW;
-  double s1 = 0.0, s2 = 0.0;
-  int64_t i = 0;
-  while (i < full) {
-    const int64_t end = imin(i + kFlush * kW, full);
-    vf a1 = vzero(), a2 = vzero(), b1 = vzero(), b2 = vzero();
+void group_pass(const float* x, float* y, const float* a, const float* t, const float* xs, const float* off,
+                int64_t cg, int64_t S, int64_t sxc, int64_t syc, GroupSums& g) {
+  const int64_t full = S / kW * kW, left = S - full;
+  GroupSums r = g;  // a local copy stays in registers; channels alternate accumulator pairs
+  for (int64_t c = 0; c < cg; ++c) {
+    const float *xr = kNorm ? x + c * sxc : nullptr, *xsr = kSum ? xs + c * sxc : nullptr;
+    float* yr = kNorm ? y + c * syc : nullptr;
+    const vf va = vset(kNorm ? a[c] : 0.0f), vt = vset(kNorm ? t[c] : 0.0f), vo = vset(kSum ? off[c] : 0.0f);
     auto step = [&](int64_t j, vf& s1v, vf& s2v) {
-      if (kNorm) vstore(y + j, act<kSilu>(vfma(vload(x + j), va, vt)));
+      if (kNorm) vstore(yr + j, act<kSilu>(vfma(vload(xr + j), va, vt)));
       if (kSum) {
-        const vf d = vsub(vload(xs + j), sh);
+        const vf d = vadd(vload(xsr + j), vo);
         s1v = vadd(s1v, d);
         s2v = vfma(d, d, s2v);
       }
     };
-    for (; i + 2 * kW <= end; i += 2 * kW) {
-      step(i, a1, a2);
-      step(i + kW, b1, b2);
+    int64_t i = 0;
+    while (i < full) {
+      const int64_t end = kSum ? imin(i + (kFlush - r.count) * kW, full) : full;
+      if (kSum) r.count += (end - i) / kW;
+      for (; i + 2 * kW <= end; i += 2 * kW) {
+        step(i, r.a1, r.a2);
+        step(i + kW, r.b1, r.b2);
+      }
+      if (i < end) {
+        step(i, r.a1, r.a2);
+        i += kW;
+      }
+      if (kSum && r.count == kFlush) r.flush();
     }
-    if (i < end) {
-      step(i, a1, a2);
-      i += kW;
+    if (left) {
+      if (kNorm) vstore_n(yr + full, act<kSilu>(vfma(vload_n(xr + full, left), va, vt)), left);
+      if (kSum) {
+        const vf d = vkeep_n(vadd(vload_n(xsr + full, left), vo), left);
+        r.b1 = vadd(r.b1, d);
+        r.b2 = vfma(d, d, r.b2);
+        if (++r.count == kFlush) r.flush();
+      }
     }
-    if (kSum) {
-      s1 += vsum(vadd(a1, b1));
-      s2 += vsum(vadd(a2, b2));
-    }
+    std::swap(r.a1, r.b1);
+    std::swap(r.a2, r.b2);
   }
-  if (kNorm && i < n) vstore_n(y + i, act<kSilu>(vfma(vload_n(x + i, n - i), va, vt)), n - i);
-  if (!kSum) return Moments{0.0, 0.0};
-  for (; i < n; ++i) {
-    const double d = static_cast<double>(xs[i]) - shift;
-    s1 += d;
-    s2 += d * d;
-  }
-  return finish(shift, s1, s2, n);
+  g = r;
 }
 
 // Rows contiguous per channel: tasks of one (batch, group). A thread claims its next task
 // before it runs the current one (for_each_task_ahead) and sums the next task's rows while it
-// normalises the current one's, which are in L2 since they were summed the same way.
+// normalises the current one's, which are in L1/L2 since they were summed the same way.
 template <bool kSilu>
 void run_rows(const GroupNormParams& p) {
-  const int64_t cg = p.C / p.G, tasks = p.B * p.G, S = p.S;
+  const int64_t cg = p.C / p.G, tasks = p.B * p.G, S = p.S, n = cg * S;
   auto task_x = [&](int64_t k) { return p.x + k / p.G * p.sxb + k % p.G * cg * p.sxc; };
+  auto add_of = [&](int64_t k, int64_t c) { return p.add ? p.add[k / p.G * p.sab + (k % p.G * cg + c) * p.sac] : 0.0f; };
+  // off_c = add_c - shift for task k; returns shift (the group's first value).
+  auto offsets = [&](int64_t k, float* off) {
+    const float shift = task_x(k)[0] + add_of(k, 0);
+    for (int64_t c = 0; c < cg; ++c) off[c] = add_of(k, c) - shift;
+    return static_cast<double>(shift);
+  };
   std::atomic<int64_t> counter{0};
 #pragma omp parallel
   {
-    Buf<Moments> mom_a(cg), mom_b(cg);
-    Buf<float> a(cg), t(cg);
-    Moments *mom = mom_a.data(), *next_mom = mom_b.data();
-    bool summed = false;  // mom holds the current task's moments
+    Buf<float> a(cg), t(cg), off(cg);
+    GroupSums g;
+    double shift = 0.0;
+    bool summed = false;  // g holds the current task's moments
     for_each_task_ahead(counter, tasks, [&](int64_t cur, int64_t next) {
       const int64_t b = cur / p.G, c0 = cur % p.G * cg;
       const float* x = task_x(cur);
       float* y = p.y + b * p.syb + c0 * p.syc;
-      if (!summed)
-        for (int64_t c = 0; c < cg; ++c) mom[c] = row_pass<false, true, kSilu>(nullptr, nullptr, 0, 0, x + c * p.sxc, S);
-      group_affine(p, b, c0, cg, mom, a.data(), t.data());
+      if (!summed) {
+        g.reset();
+        shift = offsets(cur, off.data());
+        group_pass<false, true, kSilu>(nullptr, nullptr, nullptr, nullptr, x, off.data(), cg, S, p.sxc, p.syc, g);
+      }
+      g.flush();
+      group_affine(p, b, c0, cg, shift + g.s1 / n, g.s2 - g.s1 * g.s1 / n, a.data(), t.data());
       summed = next < tasks;
       if (summed) {
-        const float* xn = task_x(next);
-        for (int64_t c = 0; c < cg; ++c)
-          next_mom[c] = row_pass<true, true, kSilu>(x + c * p.sxc, y + c * p.syc, a[c], t[c], xn + c * p.sxc, S);
-        std::swap(mom, next_mom);
+        g.reset();
+        shift = offsets(next, off.data());
+        group_pass<true, true, kSilu>(x, y, a.data(), t.data(), task_x(next), off.data(), cg, S, p.sxc, p.syc, g);
       } else {
-        for (int64_t c = 0; c < cg; ++c) row_pass<true, false, kSilu>(x + c * p.sxc, y + c * p.syc, a[c], t[c], nullptr, S);
+        group_pass<true, false, kSilu>(x, y, a.data(), t.data(), nullptr, nullptr, cg, S, p.sxc, p.syc, g);
       }
     });
   }

@@ -36,9 +36,11 @@ static void expect_close(const char* name, const std::vector<float>& got,
   if (!ok) ++g_failures;
 }
 
+// mean: of x (far from 0 tests the statistics' cancellation; the output's own rounding, from
+// y = x * a + t with |x| ~ mean, grows with it, hence the tolerance).
 static void test_group_norm(int64_t B, int64_t C, int64_t S, int64_t G, bool channels_last, bool silu,
-                            bool add) {
-  auto x = randn(B * C * S, 1, 0.5f), w = randn(C, 2), b = randn(C, 3), a = randn(B * C, 4);
+                            bool add, float mean = 0.5f) {
+  auto x = randn(B * C * S, 1, mean), w = randn(C, 2), b = randn(C, 3), a = randn(B * C, 4);
   std::vector<float> y(x.size());
   std::vector<double> ref(x.size());
   // logical (b, c, s) -> memory offset
@@ -70,10 +72,10 @@ static void test_group_norm(int64_t B, int64_t C, int64_t S, int64_t G, bool cha
                     sb, sc, ss, sb, sc, ss, C, 1, 1e-5f, silu};
   group_norm(p);
   char name[128];
-  std::snprintf(name, sizeof name, "group_norm B%lld C%lld S%lld G%lld %s%s%s", (long long)B,
+  std::snprintf(name, sizeof name, "group_norm B%lld C%lld S%lld G%lld %s%s%s mean %g", (long long)B,
                 (long long)C, (long long)S, (long long)G, channels_last ? "nhwc" : "nchw",
-                silu ? " silu" : "", add ? " add" : "");
-  expect_close(name, y, ref, 5e-6);
+                silu ? " silu" : "", add ? " add" : "", mean);
+  expect_close(name, y, ref, 5e-6 * std::max(1.0, std::fabs(mean) / 10.0));
 }
 
 // lanes: the score layout (AttentionParams::queries_in_lanes; -1 chosen by shape)
@@ -203,6 +205,9 @@ static void run_all() {
   test_group_norm(1, 1280, 9, 32, false, true, true);
   test_group_norm(3, 64, 8192, 32, true, true, true);   // 2 MB per batch entry: one per wave
   test_group_norm(2, 64, 0, 32, false, true, false);     // empty: nothing to do
+  test_group_norm(2, 320, 1024, 32, false, true, true, 300.0f);  // far from 0: no cancellation
+  test_group_norm(2, 320, 63, 32, true, true, true, 300.0f);
+  test_group_norm(2, 1280, 16, 32, false, false, false, -300.0f);
   // each case in both score layouts and as chosen by shape
   for (int64_t lanes = -1; lanes <= 1; ++lanes) {
     test_attention(1, 2, 70, 77, 40, 0, lanes);

@@ -75,9 +75,10 @@ def supports_group_norm(x, num_groups, weight, bias, eps, silu, add):
 #   elsewhere (the VAE encoder's, the UNet's first).
 GN_MIN_NUMEL = 32768
 # With more than one thread torch's group norm splits the work too, and the cpu kernel's lead
-# starts later: measured with 2 threads (bench/results/cpu-sd15-kernels.json, quiet machine)
-# 1.5-1.7x from 327 K elements, even at 164 K, 0.6x at 41 K.
-GN_MIN_NUMEL_THREADED = 262144
+# starts later: measured with 2 threads through sdfast.ops (Python included), since the NCHW
+# path sums a whole group in one set of vector accumulators: 2.1-2.4x at 328-655 K elements,
+# 1.2-1.5x at 82-164 K, 0.8-0.95x at 41 K.
+GN_MIN_NUMEL_THREADED = 65536
 CONV_MIN_CHANNELS = 16
 CONV_GEMM_MIN_WEIGHT_PER_PATCH = 2
 # AVX2 (SDFAST_CPU_ISA=avx2): torch's SDPA runs AVX-512 code on the same machine and the AVX2
