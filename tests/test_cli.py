@@ -135,7 +135,7 @@ def test_generate_creates_the_output_folder_and_refuses_a_path_through_a_file(tm
     blocker = tmp_path / "file.txt"
     blocker.write_text("keep me")
     rc, _, err = run_cli(*GEN, "--steps", "1", "--quiet", "-o", str(blocker / "o.png"))
-    assert_one_line_error(rc, err, "cannot create the folder (")
+    assert_one_line_error(rc, err, "file.txt is not a folder")
     assert blocker.read_text() == "keep me"
 
 

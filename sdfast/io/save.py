@@ -78,6 +78,8 @@ def check_folder(path, what, shown=None):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
         if probe == target:
+            if shown != os.fspath(path):      # the folder of the file the user named
+                raise SdfastError(f"{what} {shown}: {probe} is not a folder")
             raise SdfastError(f"{what} {shown}: exists and is not a folder")
         raise SdfastError(f"{what} {shown}: {probe} is not a folder (cannot create a folder "
                           "under it)")
@@ -85,13 +87,18 @@ def check_folder(path, what, shown=None):
         raise SdfastError(f"{what} {shown}: {probe} is not writable")
 
 
-def make_folder(path, what, shown=None):
-    """`os.makedirs(path, exist_ok=True)`, an OSError as a one-line SdfastError."""
+def make_folder(path, what, shown=None, error=SdfastError):
+    """`os.makedirs(path, exist_ok=True)`; a path that cannot be a folder (`check_folder`'s
+    reasons, e.g. a file in the way) or an OSError is a one-line `error`."""
+    try:
+        check_folder(path, what, shown)
+    except SdfastError as exc:
+        raise error(str(exc)) from None
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:
-        raise SdfastError(f"{what} {os.fspath(path if shown is None else shown)}: cannot create "
-                          f"the folder ({exc.strerror or exc})") from None
+        raise error(f"{what} {os.fspath(path if shown is None else shown)}: cannot create "
+                    f"the folder ({exc.strerror or exc})") from None
 
 
 def text_writer(text):
@@ -153,10 +160,7 @@ def save_atomic(tensors, path, metadata=None, overwrite=False):
     if os.path.exists(path) and not overwrite:
         raise exists
     meta = {k: str(v) for k, v in (metadata or {}).items()}
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    except OSError as exc:
-        raise WriteError(f"{path}: cannot create its folder ({exc.strerror or exc})") from None
+    make_folder(os.path.dirname(os.path.abspath(path)), "cannot save", shown=path, error=WriteError)
     try:
         write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite)
     except FileExistsError:
