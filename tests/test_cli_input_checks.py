@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from _fixtures import lock
 import sdfast
 from sdfast.cli import _Parser, main, run_parser
 from sdfast.errors import SdfastError
@@ -375,16 +376,13 @@ def test_lora_merge_output_checks_before_loading(capsys, tmp_path, no_load):
     assert blocker.read_text() == "keep"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
-def test_lora_merge_output_folder_must_be_writable(capsys, tmp_path, no_load):
+def test_lora_merge_output_folder_must_be_writable(capsys, tmp_path, no_load, monkeypatch):
     locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    try:
-        rc, _, err = run(capsys, "lora", "merge", "base", "l.safetensors",
-                         "-o", locked / "m.safetensors")
-        assert_error(rc, err, r"is not writable")
-    finally:
-        locked.chmod(0o700)
+    locked.mkdir()
+    lock(monkeypatch, locked)
+    rc, _, err = run(capsys, "lora", "merge", "base", "l.safetensors", "-o", locked / "m.safetensors")
+    assert_error(rc, err, r"locked is not writable")
+    assert list(locked.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- I: images

@@ -76,7 +76,10 @@ def weights(o, c, seed, kind="uniform"):
     std = (9 * c) ** -0.5
     if kind == "uniform":
         return (torch.rand(o, c, 3, 3, generator=g) * 2 - 1) * std * 3 ** 0.5
-    t = torch.distributions.StudentT(torch.tensor(3.0)).sample((o, c, 3, 3))
+    # Student t with 3 degrees of freedom: z / sqrt(chi2_3 / 3), from the seeded generator
+    z = torch.randn(o, c, 3, 3, generator=g)
+    chi2 = torch.randn(3, o, c, 3, 3, generator=g).pow(2).sum(0)
+    t = z / (chi2 / 3).sqrt()
     return t / t.std() * std
 
 
