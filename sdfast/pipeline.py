@@ -257,7 +257,10 @@ class Pipeline:
             raise SdfastError(f"a LoRA named {name!r} is already loaded (unload it, or pass name=)")
         strength, strength_clip = _strengths(strength, strength_clip)
         lora = self._read_lora(path, strict)
-        self._stack().add(Loaded(name, os.fspath(path), strength, strength_clip, lora))
+        try:
+            self._stack().add(Loaded(name, os.fspath(path), strength, strength_clip, lora))
+        finally:
+            self.release_lora_buffers()
         return name
 
     def set_lora_strength(self, name, strength, strength_clip=None):
@@ -266,9 +269,17 @@ class Pipeline:
         self._stack().set_strength(name, *_strengths(strength, strength_clip))
 
     def unload_lora(self, name):
-        """Remove a LoRA; weights no other LoRA touches get their original tensors back."""
+        """Remove a LoRA; weights no other LoRA touches get their original tensors back. Their
+        merged copies' memory is kept for the next `load_lora` (a swap then maps no new
+        memory) and freed once that load or the next `generate` is under way, or by
+        `release_lora_buffers`."""
         self._check_loaded(name)
         self._stack().remove(name)
+
+    def release_lora_buffers(self):
+        """Free now the memory that `unload_lora` kept for the next load."""
+        if self._lora_stack is not None:
+            self._lora_stack.release_spares()
 
     def _check_loaded(self, name):
         if name not in self.loras:
@@ -383,6 +394,7 @@ class Pipeline:
         self.last_seed = list(seed) if isinstance(seed, list) else seed
         prompt, tags = self._prompt_loras(prompt)
         names = self._apply_tags(tags, lora_dir) if tags else []
+        self.release_lora_buffers()      # what earlier unloads kept and these tags did not take
         try:
             return self._generate(prompt, negative_prompt, width, height, steps, cfg, sampler,
                                   scheduler, seed, batch_size, init_image, strength, mask,

@@ -231,6 +231,37 @@ def test_unload_and_swaps_are_bit_exact(model, tmp_path, dtype):
     assert pipe.loras == {}
 
 
+def test_a_swap_reuses_the_unloaded_copies_and_the_spares_are_freed(model, tmp_path):
+    kind, ref, single, _ = model
+    save_file(random_kohya_lora(ref, seed=1), str(tmp_path / "a.safetensors"))
+    save_file(random_kohya_lora(ref, seed=2, conv=False), str(tmp_path / "b.safetensors"))
+    fresh = sdfast.load(single)
+    fresh.load_lora(tmp_path / "b.safetensors", strength=0.7)
+    with_b = _weights(fresh)
+    pipe = sdfast.load(single)
+    name, weight = _one_linear(pipe)
+    pipe.load_lora(tmp_path / "a.safetensors")
+    copy_ptr = pipe.unet.get_parameter(name).data_ptr()
+    pipe.unload_lora("a")
+    assert pipe.unet.get_parameter(name).data_ptr() != copy_ptr        # the original is back
+    spares = pipe._lora_stack._spares
+    assert spares[("unet", name)].data_ptr() == copy_ptr              # kept, not freed
+    assert any(k[0] == "unet" and pipe.unet.get_parameter(k[1]).dim() == 4 for k in spares)
+    pipe.load_lora(tmp_path / "b.safetensors", strength=0.7)
+    # the spare was alive while b merged, so an equal address means b merged into it
+    assert pipe.unet.get_parameter(name).data_ptr() == copy_ptr
+    _assert_same(_weights(pipe), with_b)                               # as a first load gives
+    assert spares == {}                         # those b did not take (a's LoCon conv): freed
+    pipe.unload_lora("b")
+    assert spares
+    pipe.release_lora_buffers()
+    assert spares == {}
+    pipe.load_lora(tmp_path / "b.safetensors", strength=0.7)
+    pipe.unload_lora("b")
+    pipe.generate("a cat", width=64, height=64, steps=1, output="tensor", progress=False)
+    assert spares == {}                         # a generate frees what no load took
+
+
 def test_strengths_scale_unet_and_text_encoder_separately(model, tmp_path):
     kind, ref, single, _ = model
     save_file(random_kohya_lora(ref), str(tmp_path / "a.safetensors"))

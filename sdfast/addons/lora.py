@@ -15,7 +15,9 @@ is the file's read-only mmap, so it costs no memory) and the parameter gets a wr
 every change (load, strength, unload) recomputes each affected weight as `original + sum of
 active LoRAs` from the original, in load order, low-rank factors merged in one
 `sdfast.ops.lora_merge_` pass. When no LoRA touches a weight any more the original tensor
-itself goes back. With `in_place=True` (what CUDA graphs need: `Pipeline.lora_in_place`) it is
+itself goes back, and its writable copy is kept as a spare for the next load (a swap A -> B
+maps no new memory; the pipeline frees the spares once that load or the next `generate` is
+under way: `Pipeline.release_lora_buffers`). With `in_place=True` (what CUDA graphs need: `Pipeline.lora_in_place`) it is
 the other way round: the original is copied aside and the parameter is rewritten in its own
 storage, so every weight keeps its address. Either way unloading restores the original bit
 for bit, and A, then B, then A again gives exactly A's weights again, in fp32 and fp16 alike.
@@ -302,6 +304,9 @@ class LoraStack:
         self._components = components          # {"unet": module, "text_encoder": module}
         self._params = {c: dict(m.named_parameters()) for c, m in components.items()}
         self._originals = {}                   # (component, param) -> original tensor copy
+        # Writable copies of weights that no LoRA touches any more, kept for the next load
+        # (a swap A -> B then maps no new memory) until `release_spares`.
+        self._spares = {}                      # (component, param) -> tensor
         self.loaded = OrderedDict()            # name -> Loaded
         # In place: every parameter keeps its storage (a copy of the original is set aside
         # instead, and copied back on unload), so CUDA graphs captured before a swap see it.
@@ -354,6 +359,7 @@ class LoraStack:
                     if self.in_place:
                         param.data.copy_(original)
                     else:
+                        self._spares[key] = param.data
                         param.data = original
                 continue
             if key not in self._originals:        # first touch: keep the original untouched
@@ -361,7 +367,7 @@ class LoraStack:
                     self._originals[key] = populated_copy(param.data)
                 else:                             # (the loader's mmap stays as it is)
                     self._originals[key] = map_pages(param.data)
-                    param.data = populated_empty_like(param.data)
+                    param.data = self._writable_like(key, param.data)
             original, weight = self._originals[key], param.data
             by_rows = _by_rows(active[key])
             if list(by_rows) == [None]:           # the whole weight: original + LoRAs
@@ -376,6 +382,20 @@ class LoraStack:
             ops.lora_merge_(weights, ups, downs, scales, base=bases)
         for weight, entries in dense:
             _merge_dense(weight, entries)
+
+    def _writable_like(self, key, original):
+        """A tensor laid out as `original` to merge into: the spare this weight left at its
+        last unload when it still fits (every element is rewritten by the merge), else new
+        memory (`populated_empty_like`)."""
+        spare = self._spares.pop(key, None)
+        if spare is not None and (spare.shape, spare.stride(), spare.dtype, spare.device) == (
+                original.shape, original.stride(), original.dtype, original.device):
+            return spare
+        return populated_empty_like(original)
+
+    def release_spares(self):
+        """Free the writable copies that unloading kept for the next load."""
+        self._spares.clear()
 
     @staticmethod
     def _split(weight, entries, base, low_rank, dense):

@@ -119,8 +119,10 @@ class SdfastRuntime:
             pipe.load_lora(b_path, name="B")
 
     def lora_reset(self, pipe):
+        """Nothing loaded, and no memory kept from it: the next load is a first load."""
         for name in list(pipe.loras):
             pipe.unload_lora(name)
+        pipe.release_lora_buffers()
 
 
 class TorchReferenceRuntime(SdfastRuntime):
