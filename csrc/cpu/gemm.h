@@ -23,7 +23,7 @@ constexpr int tile_rows() {
   return (kRegs - 1 - NV) / NV > 8 ? 8 : (kRegs - 1 - NV) / NV;
 }
 
-template <int MR, int NV, bool kAcc>
+template <int MR, int NV, bool kAcc, bool kStream = false>
 inline void gemm_tile(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                       int64_t k, int64_t last, const float* rs, const float* S, int64_t lds) {
   // Fully unrolled so acc stays in registers (GCC spills it otherwise).
@@ -57,11 +57,11 @@ inline void gemm_tile(const float* A, int64_t lda, const float* B, int64_t ldb, 
     const float* s = S + r * lds;
 #pragma GCC unroll 8
     for (int v = 0; v < NV - 1; ++v)
-      vstore(c + v * kW, kAcc ? vadd(acc[r][v], vload(s + v * kW)) : acc[r][v]);
+      vstore_or_stream<kStream>(c + v * kW, kAcc ? vadd(acc[r][v], vload(s + v * kW)) : acc[r][v]);
     float* cl = c + (NV - 1) * kW;
     const float* sl = s + (NV - 1) * kW;
     if (last == kW) {
-      vstore(cl, kAcc ? vadd(acc[r][NV - 1], vload(sl)) : acc[r][NV - 1]);
+      vstore_or_stream<kStream>(cl, kAcc ? vadd(acc[r][NV - 1], vload(sl)) : acc[r][NV - 1]);
     } else {
       vstore_n(cl, kAcc ? vadd(acc[r][NV - 1], vload_n(sl, last)) : acc[r][NV - 1], last);
     }
@@ -69,24 +69,24 @@ inline void gemm_tile(const float* A, int64_t lda, const float* B, int64_t ldb, 
 }
 
 // All m rows of one column group of NV vectors: tiles of MR rows, then one smaller tile.
-template <int MR, int NV, bool kAcc>
+template <int MR, int NV, bool kAcc, bool kStream = false>
 inline void gemm_rows(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                       int64_t m, int64_t k, int64_t last, const float* rs, const float* S, int64_t lds) {
   int64_t i = 0;
   for (; i + MR <= m; i += MR)
-    gemm_tile<MR, NV, kAcc>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, k, last, rs ? rs + i : nullptr,
+    gemm_tile<MR, NV, kAcc, kStream>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, k, last, rs ? rs + i : nullptr,
                             S + i * lds, lds);
   if constexpr (MR > 1) {
     if (i < m)
-      gemm_rows<MR - 1, NV, kAcc>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, m - i, k, last,
+      gemm_rows<MR - 1, NV, kAcc, kStream>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, m - i, k, last,
                                   rs ? rs + i : nullptr, S + i * lds, lds);
   }
 }
 
-template <int NV, bool kAcc>
+template <int NV, bool kAcc, bool kStream = false>
 inline void gemm_group(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                        int64_t m, int64_t k, int64_t last, const float* rs, const float* S, int64_t lds) {
-  gemm_rows<tile_rows<NV>(), NV, kAcc>(A, lda, B, ldb, C, ldc, m, k, last, rs, S, lds);
+  gemm_rows<tile_rows<NV>(), NV, kAcc, kStream>(A, lda, B, ldb, C, ldc, m, k, last, rs, S, lds);
 }
 
 // The vectors per column group for a row of nvec vectors: AVX2 pairs (6 x 2 tiles); AVX-512
@@ -99,16 +99,16 @@ inline int group_vectors(int64_t nvec) {
   return 4;
 }
 
-template <bool kAcc>
+template <bool kAcc, bool kStream = false>
 inline void gemm_cols(int nv, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                       int64_t ldc, int64_t m, int64_t k, int64_t last, const float* rs, const float* S,
                       int64_t lds) {
   switch (nv) {
-    case 1: gemm_group<1, kAcc>(A, lda, B, ldb, C, ldc, m, k, last, rs, S, lds); break;
-    case 2: gemm_group<2, kAcc>(A, lda, B, ldb, C, ldc, m, k, last, rs, S, lds); break;
-    case 3: gemm_group<3, kAcc>(A, lda, B, ldb, C, ldc, m, k, last, rs, S, lds); break;
-    case 4: gemm_group<4, kAcc>(A, lda, B, ldb, C, ldc, m, k, last, rs, S, lds); break;
-    default: gemm_group<5, kAcc>(A, lda, B, ldb, C, ldc, m, k, last, rs, S, lds); break;
+    case 1: gemm_group<1, kAcc, kStream>(A, lda, B, ldb, C, ldc, m, k, last, rs, S, lds); break;
+    case 2: gemm_group<2, kAcc, kStream>(A, lda, B, ldb, C, ldc, m, k, last, rs, S, lds); break;
+    case 3: gemm_group<3, kAcc, kStream>(A, lda, B, ldb, C, ldc, m, k, last, rs, S, lds); break;
+    case 4: gemm_group<4, kAcc, kStream>(A, lda, B, ldb, C, ldc, m, k, last, rs, S, lds); break;
+    default: gemm_group<5, kAcc, kStream>(A, lda, B, ldb, C, ldc, m, k, last, rs, S, lds); break;
   }
 }
 
@@ -132,7 +132,7 @@ inline void gemm(const float* A, int64_t lda, const float* B, int64_t ldb, float
 // right: for a C that comes from memory once (LoRA's weight) rather than from cache. With kAcc
 // the product is added to S[m, n] (row stride lds; S == C in place, or a source that C
 // receives, as a copy would, in the same pass).
-template <bool kAcc>
+template <bool kAcc, bool kStream = false>
 inline void gemm_streamed(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                           int64_t m, int64_t n, int64_t k, const float* S, int64_t lds) {
   constexpr int nv = kRegs < 32 ? 2 : 4, mr = tile_rows<nv>();
@@ -141,7 +141,7 @@ inline void gemm_streamed(const float* A, int64_t lda, const float* B, int64_t l
     const int64_t rows = imin(mr, m - i);
     for (int64_t v = 0; v < nvec; v += nv) {
       const int g = static_cast<int>(imin(nv, nvec - v));
-      gemm_cols<kAcc>(g, A + i * lda, lda, B + v * kW, ldb, C + i * ldc + v * kW, ldc, rows, k,
+      gemm_cols<kAcc, kStream>(g, A + i * lda, lda, B + v * kW, ldb, C + i * ldc + v * kW, ldc, rows, k,
                       v + g == nvec ? last : kW, nullptr, S + i * lds + v * kW, lds);
     }
   }

@@ -14,6 +14,8 @@
 // dispatch.
 #include <omp.h>
 
+#include <cstdint>
+
 #include "gemm.h"
 #include "isa_kernels.h"
 #include "simd.h"
@@ -82,10 +84,15 @@ void lora_merge(const LoraMergeParams* layers, int64_t n_layers) {
       const int64_t local = t - L.task0;
       const int64_t o0 = local / L.col_blocks * kRowBlock, cb = local % L.col_blocks, i0 = cb * kColBlock;
       const float* src = p.src ? p.src + o0 * p.lds + i0 : p.w + o0 * p.ldw + i0;
-      gemm_streamed<true>(A.data() + L.a_off + o0 * L.R, L.R, B.data() + L.b_off + cb * L.R * kColBlock, kColBlock,
-                          p.w + o0 * p.ldw + i0, p.ldw, imin(kRowBlock, p.O - o0), imin(kColBlock, p.I - i0), L.R,
-                          src, p.src ? p.lds : p.ldw);
+      const float *a = A.data() + L.a_off + o0 * L.R, *b = B.data() + L.b_off + cb * L.R * kColBlock;
+      float* w = p.w + o0 * p.ldw + i0;
+      const int64_t rows = imin(kRowBlock, p.O - o0), cols = imin(kColBlock, p.I - i0);
+      // From a source, W is written and not read: stream it past the caches when aligned.
+      const bool stream = p.src && reinterpret_cast<uintptr_t>(w) % (kW * sizeof(float)) == 0 && p.ldw % kW == 0;
+      if (stream) gemm_streamed<true, true>(a, L.R, b, kColBlock, w, p.ldw, rows, cols, L.R, src, p.lds);
+      else gemm_streamed<true>(a, L.R, b, kColBlock, w, p.ldw, rows, cols, L.R, src, p.src ? p.lds : p.ldw);
     }
+    _mm_sfence();  // the streamed stores reach memory before the region ends
   }
 }
 

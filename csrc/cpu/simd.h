@@ -100,6 +100,22 @@ inline vf vscale2n(vf p, vf nf) {
 
 inline vf vbcast(const float* p) { return vset(*p); }
 
+// A whole-vector store, non-temporal (kStream: p aligned to the vector; for output that is not
+// read again soon, so it skips the read-for-ownership of its cache lines; an _mm_sfence
+// orders it before the data is handed on) or plain.
+template <bool kStream>
+inline void vstore_or_stream(float* p, vf v) {
+  if constexpr (kStream) {
+#if defined(__AVX512F__)
+    _mm512_stream_ps(p, v);
+#else
+    _mm256_stream_ps(p, v);
+#endif
+  } else {
+    vstore(p, v);
+  }
+}
+
 // exp(x) to ~1 ulp: x = n ln2 + r with n = round(x / ln2), |r| <= ln2 / 2 (two-step
 // Cody-Waite), e^r = 1 + r q(r) with q a degree-5 near-minimax fit (1.7e-8 relative), times 2^n:
 // AVX-512 scales with vscalefps (0 and inf where due); AVX2 takes n from the mantissa of

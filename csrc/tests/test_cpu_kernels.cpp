@@ -2,6 +2,8 @@
 // Exit status 0 when every case is within tolerance; each failure is printed.
 #include <cmath>
 #include <cstdio>
+#include <memory>
+#include <new>
 #include <random>
 #include <vector>
 
@@ -173,7 +175,8 @@ static void test_lora_layers() {
 }
 
 // From a source: W (garbage before) = src + the LoRAs, src untouched; with no LoRA a copy.
-static void test_lora_from_source(int64_t O, int64_t I, std::vector<int64_t> ranks) {
+// aligned: W in 64-byte aligned memory (with whole-vector rows the kernel then streams it).
+static void test_lora_from_source(int64_t O, int64_t I, std::vector<int64_t> ranks, bool aligned = false) {
   LoraCase c(O, I, std::move(ranks), 70);
   const std::vector<float> src = c.w;
   const int64_t lds = I + 3;  // a source with its own row stride
@@ -184,7 +187,17 @@ static void test_lora_from_source(int64_t O, int64_t I, std::vector<int64_t> ran
   LoraMergeParams p = c.params();
   p.src = padded.data();
   p.lds = lds;
+  struct AlignedDelete {
+    void operator()(float* q) const { ::operator delete[](q, std::align_val_t(64)); }
+  };
+  std::unique_ptr<float[], AlignedDelete> out;
+  if (aligned) {
+    out.reset(new (std::align_val_t(64)) float[O * I]);
+    std::fill(out.get(), out.get() + O * I, -7.f);
+    p.w = out.get();
+  }
   lora_merge(&p, 1);
+  if (aligned) std::copy(out.get(), out.get() + O * I, c.w.begin());
   c.check();
   for (int64_t o = 0; o < O; ++o)
     for (int64_t i = 0; i < I; ++i)
@@ -227,6 +240,7 @@ static void run_all() {
   test_lora_layers();
   test_lora_from_source(45, 1100, {4, 32});
   test_lora_from_source(7, 20, {});
+  test_lora_from_source(50, 2048, {32, 4}, true);  // streamed stores
 }
 
 int main() { return run_on_every_isa(run_all, g_failures); }
