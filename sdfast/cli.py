@@ -2,6 +2,7 @@
 import argparse
 import math
 import os
+import re
 import sys
 
 from .errors import SdfastError
@@ -10,7 +11,13 @@ EXIT_BAD_INPUT = 2
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but usage errors are one line (`sdfast: error: ...`) with exit 2."""
+    """argparse, but usage errors are one line (`sdfast: error: ...`) with exit 2, and
+    negative numbers in any float form (-1.5e2, -inf) are values, not options."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(
+            r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 
     def error(self, message):
         raise SdfastError(message)
@@ -142,7 +149,9 @@ def _check_png_output(output):
     if os.path.isdir(output):
         raise SdfastError(f"-o {output}: is a folder (give a file name, e.g. "
                           f"{os.path.join(output, 'out.png')})")
-    ext = os.path.splitext(output)[1]
+    stem, ext = os.path.splitext(os.path.basename(output))
+    if not stem or stem.lower() == ".png":
+        raise SdfastError(f"-o {output!r}: no file name (e.g. -o out.png)")
     if ext and ext.lower() != ".png":
         raise SdfastError(f"-o {output}: sdfast writes PNG images (name the output .png)")
 
@@ -299,8 +308,9 @@ def _control_groups(args):
     return groups
 
 
-def _lora_arg(text):
-    """`PATH[:STRENGTH[:CLIP]]` -> `(path, strength, strength_clip)`; the path is checked."""
+def _lora_arg(text, flag="--lora"):
+    """`PATH[:STRENGTH[:CLIP]]` -> `(path, strength, strength_clip)`; the path is checked.
+    `flag`: how the messages name the argument."""
     path, strengths = text, []
     while True:
         head, sep, tail = path.rpartition(":")
@@ -312,11 +322,15 @@ def _lora_arg(text):
             break
         path = head
     if not os.path.isfile(path):
+        for i, char in enumerate(path):
+            if char == ":" and os.path.isfile(path[:i]):       # a file, then a non-number
+                raise SdfastError(f"{flag} {text}: the strengths after {path[:i]} must be "
+                                  f"numbers, got {path[i + 1:]!r}")
         raise SdfastError(f"{path}: no such LoRA file")
     if len(strengths) > 2:
-        raise SdfastError(f"--lora {text}: at most two strengths (UNet, text encoder)")
+        raise SdfastError(f"{flag} {text}: at most two strengths (UNet, text encoder)")
     if not all(math.isfinite(s) for s in strengths):
-        raise SdfastError(f"--lora {text}: strengths must be finite numbers")
+        raise SdfastError(f"{flag} {text}: strengths must be finite numbers")
     strength = strengths[0] if strengths else 1.0
     return path, strength, strengths[1] if len(strengths) > 1 else None
 
@@ -370,10 +384,15 @@ def _lora_merge(args):
 
     _check_merge_output(args.output, args.overwrite)
     _check_readable(args.base, "file or directory")
-    loras = [_lora_arg(text) for text in args.loras]
+    loras = [_lora_arg(text, "LORA") for text in args.loras]
     pipe = load(args.base, device="cpu", dtype=torch.float32)
     for path, strength, strength_clip in loras:
         pipe.load_lora(path, strength, strength_clip)
+    for module in (pipe.unet, pipe.text_encoder):
+        for name, param in module.named_parameters():
+            if not torch.isfinite(param).all():
+                raise SdfastError(f"the merged weight {name} holds NaN or infinite values (a "
+                                  "strength too large?); nothing was written")
     info = pipe.info
     merged = "; ".join(f"{os.path.basename(p)}:{s}" + (f":{c}" if c is not None else "")
                        for p, s, c in loras)

@@ -24,6 +24,8 @@ VAE_SCALE = 0.18215     # SD1.x / SD2.x latent scale factor
 # level, and their two output blocks (see bench/step_cache.py for the measurements behind it).
 DEFAULT_CACHE_DEPTH = 2
 MAX_SIZE = 16384        # width / height cap: larger images cannot be allocated anyway
+MAX_STEPS = 10000       # ComfyUI's cap on sampling steps
+MAX_BATCH = 64          # images sampled at once (their activations live together)
 # img2img runs the last `steps` steps of a `steps / strength` schedule (ComfyUI's denoise): a
 # strength below this would make the schedule more than 1000x longer than the steps run.
 MIN_STRENGTH = 0.001
@@ -150,8 +152,8 @@ class Pipeline:
                         self._check_width(embedding)
                         self._dir_embeddings[path] = embedding
                     found[stem] = self._dir_embeddings[path]
-        if not found:
-            return None
+        if not found and folder is None:
+            return None       # no embeddings in use: "embedding:x" is text, as in ComfyUI
         return EmbeddingLookup(self.tokenizer, list(found.values()))
 
     @torch.no_grad()
@@ -446,10 +448,12 @@ class Pipeline:
         self._release(self.text_encoder, self.vae)
         x = self._run(sample_fn, denoiser, x, sigmas, seed, progress)
         self._release(self.unet)
+        _check_finite(x, "sampling")
         if output == "latent":
             return x
         images = self.decode_latents(x)
         self._release(self.vae)
+        _check_finite(images, "decoding the latents")
         return to_output(images, output)
 
     def _release(self, *modules):
@@ -605,6 +609,12 @@ def _number(value, name):
         raise SdfastError(f"{name} must be a number, got {value!r}") from None
 
 
+def _check_finite(t, stage):
+    if not torch.isfinite(t).all():
+        raise SdfastError(f"{stage} produced NaN or infinite values (from a LoRA, embedding or "
+                          "ControlNet, or a cfg, strength or prompt weight too large)")
+
+
 def check_request(width, height, steps, sampler, scheduler, batch_size, strength, output="pil",
                   mask=None, init_image=None, cfg=None):
     """Every argument check of `generate`, before any work is done. Returns the sampler."""
@@ -613,10 +623,11 @@ def check_request(width, height, steps, sampler, scheduler, batch_size, strength
             raise SdfastError(f"{name} must be a positive multiple of 8, got {value!r}")
         if value > MAX_SIZE:
             raise SdfastError(f"{name} {value} is too large (at most {MAX_SIZE})")
-    if not isinstance(steps, int) or steps < 1:
-        raise SdfastError(f"steps must be an integer >= 1, got {steps!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise SdfastError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise SdfastError(f"steps must be an integer in 1..{MAX_STEPS}, got {steps!r}")
+    if not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH:
+        raise SdfastError(f"batch_size must be an integer in 1..{MAX_BATCH} (run several batches "
+                          f"for more images), got {batch_size!r}")
     if not MIN_STRENGTH <= _number(strength, "strength") <= 1.0:     # NaN fails too
         raise SdfastError(f"strength must be in [{MIN_STRENGTH:g}, 1] (img2img runs the last "
                           f"steps of a steps/strength schedule), got {strength!r}")

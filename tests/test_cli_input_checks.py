@@ -461,3 +461,160 @@ def test_prompts_file_seeds_through_minus_one_stay_fixed(capsys, tmp_path):
         with Image.open(tmp_path / f"o-{i:05d}.png") as img:
             seeds.append(re.search(r"Seed: (-?\d+)", img.text["parameters"])[1])
     assert seeds == ["-2", str(2 ** 64 - 1), "0"]
+
+
+# ----------------------------------------------------------------- a sweep of bad inputs (2)
+def test_prompt_weights_that_are_not_finite_numbers_are_errors():
+    from sdfast.text.prompt import parse_prompt_attention
+
+    with pytest.raises(SdfastError, match=r"invalid emphasis weight '1\.2\.3'"):
+        parse_prompt_attention("a (b:1.2.3)")
+    for text, syntax in (("(a:nan)", "comfy"), ("(a:inf)", "comfy"), ("(a:1e400)", "comfy")):
+        with pytest.raises(SdfastError, match="must be finite"):
+            parse_prompt_attention(text, syntax)
+
+
+def test_generate_prompt_weight_error_is_one_line(capsys, tmp_path):
+    out = tmp_path / "o.png"
+    rc, _, err = run(capsys, *GEN[:2], "a (b:1.2.3)", "--quiet", "--steps", "1", "-o", out)
+    assert_error(rc, err, r"invalid emphasis weight")
+    assert not out.exists()
+
+
+def _builtin_state():
+    from safetensors.torch import load_file
+
+    from sdfast.builtin import resolve_model
+    return load_file(resolve_model())
+
+
+def test_checkpoint_tensor_of_the_wrong_shape_or_dtype_is_an_error(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = _builtin_state()
+    key = next(k for k in sd if k.endswith("attn1.to_q.weight"))
+    for name, value, pattern in (("shape", sd[key][:-1].clone(), r"has shape \[\d+, \d+\], the "
+                                  r"detected architecture needs"),
+                                 ("dtype", sd[key].to(torch.int64), "is torch.int64, expected")):
+        bad = dict(sd, **{key: value})
+        path = tmp_path / f"{name}.safetensors"
+        save_file(bad, str(path))
+        with pytest.raises(SdfastError, match=f"{name}.safetensors: UNet weight .*to_q.weight {pattern}"):
+            sdfast.load(path)
+
+
+def test_embeddings_that_cannot_fit_or_hold_nan_are_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    from sdfast.addons.embeddings import read_embedding
+
+    for name, vectors, pattern in (("long", torch.randn(76, 64), "has 76 vectors; a prompt chunk "
+                                    "holds 1 to 75"),
+                                   ("nan", torch.full((2, 64), float("nan")), "NaN or infinite")):
+        save_file({"emb_params": vectors}, str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(SdfastError, match=pattern):
+            read_embedding(tmp_path / f"{name}.safetensors")
+    text = tmp_path / "text.pt"
+    text.write_text("not an embedding")
+    with pytest.raises(SdfastError, match=r"not an embedding file \(neither safetensors"):
+        read_embedding(text)
+
+
+def test_unknown_comfy_embedding_with_an_embeddings_folder_is_an_error(pipe, tmp_path):
+    pipe.embeddings_dir = tmp_path                # an empty folder: nothing to find
+    try:
+        with pytest.raises(SdfastError, match="unknown embedding 'missing'"):
+            pipe.encode_prompt("a embedding:missing cat", weighting="comfy")
+    finally:
+        pipe.embeddings_dir = None
+    pipe.encode_prompt("a embedding:missing cat", weighting="comfy")   # no folder: text
+
+
+def test_sampling_that_turns_non_finite_is_an_error_and_writes_nothing(capsys, tmp_path):
+    out = tmp_path / "o.png"
+    rc, _, err = run(capsys, *GEN, "--steps", "1", "--cfg", "1e30", "-o", out)
+    assert_error(rc, err, "(sampling|decoding the latents) produced NaN or infinite values")
+    assert not out.exists()
+
+
+def test_lora_files_with_nan_bad_alpha_or_half_a_module_are_errors(pipe, tmp_path):
+    from safetensors.torch import save_file
+
+    name = next(n for n, _ in pipe.unet.named_parameters() if n.endswith("attn1.to_q.weight"))
+    kohya = "lora_unet_" + name[: -len(".weight")].replace(".", "_")
+    o, i = pipe.unet.get_parameter(name).shape
+    good = {f"{kohya}.lora_down.weight": torch.randn(4, i), f"{kohya}.lora_up.weight": torch.randn(o, 4),
+            f"{kohya}.alpha": torch.tensor(4.0)}
+    cases = {"nan": ({f"{kohya}.alpha": torch.tensor(float("nan"))}, "alpha holds NaN or infinite"),
+             "vector": ({f"{kohya}.alpha": torch.ones(3)}, r"alpha has shape \[3\]; expected one"),
+             "half": ({f"{kohya}.lora_up.weight": None}, "no complete LoRA, LoHa or LoKr set")}
+    for label, (change, pattern) in cases.items():
+        sd = {k: v for k, v in {**good, **change}.items() if v is not None}
+        save_file(sd, str(tmp_path / f"{label}.safetensors"))
+        with pytest.raises(SdfastError, match=pattern):
+            pipe.load_lora(tmp_path / f"{label}.safetensors")
+    assert pipe.loras == {}
+
+
+def test_lora_tag_with_a_dyn_value_is_an_error():
+    from sdfast.addons.tags import parse_tag
+
+    for body in ("x:1:2:3", "x:dyn=8"):
+        with pytest.raises(SdfastError, match="not A1111's third value, dyn"):
+            parse_tag(body)
+
+
+def test_lora_strength_that_is_not_a_number_and_merge_flag_name(capsys, tmp_path, no_load):
+    lora = tmp_path / "l.safetensors"
+    lora.write_bytes(b"x")
+    rc, _, err = run(capsys, *GEN, "--lora", f"{lora}:abc", "-o", tmp_path / "o.png")
+    assert_error(rc, err, r"l\.safetensors:abc: the strengths after .*l\.safetensors must be numbers, "
+                          r"got 'abc'")
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(b"x")
+    rc, _, err = run(capsys, "lora", "merge", base, f"{lora}:nan", "-o", tmp_path / "m.safetensors")
+    assert_error(rc, err, r"^sdfast: error: LORA .*:nan: strengths must be finite")
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["-o", ""], r"-o '': no file name"),
+    (["-o", ".png"], r"-o '\.png': no file name"),
+    (["--steps", "10001"], r"steps must be an integer in 1\.\.10000"),
+    (["--batch", "65"], r"batch_size must be an integer in 1\.\.64"),
+    (["--cfg", "-inf"], r"--cfg: expected a finite number, got '-inf'"),
+])
+def test_generate_rejects_empty_names_and_oversized_runs(capsys, tmp_path, no_load, monkeypatch,
+                                                         args, pattern):
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run(capsys, *GEN, *args)
+    assert_error(rc, err, pattern)
+    assert _files(tmp_path) == []
+
+
+def test_negative_numbers_in_exponent_form_are_values():
+    from sdfast.cli import build_parser
+
+    args = build_parser().parse_args([*GEN, "--cfg", "-1.5e2"])
+    assert args.cfg == -150.0
+
+
+def test_a_text_file_named_ckpt_is_not_called_code(tmp_path):
+    junk = tmp_path / "junk.ckpt"
+    junk.write_text("zip junk")
+    with pytest.raises(SdfastError, match=r"junk\.ckpt: not a checkpoint \(neither safetensors"):
+        sdfast.load(junk)
+
+
+def test_eval_and_bench_reject_empty_outputs_lone_cache_depth_and_huge_seeds(capsys, tmp_path, no_load):
+    rc, _, err = run(capsys, "eval", "shapes", "--json", "")
+    assert_error(rc, err, "--json: empty path")
+    rc, _, err = run(capsys, "eval", "shapes", "--cache-depth", "2")
+    assert_error(rc, err, "--cache-depth needs --cache-interval")
+    rc, _, err = run(capsys, "eval", "shapes", "--seed", str(2 ** 70))
+    assert_error(rc, err, r"seed must be an integer in 0\.\.")
+    rc, _, err = run(capsys, "bench", "--work-dir", tmp_path, "--compare", "none", "--suite", "unet",
+                     "--seed", str(10 ** 23))
+    assert_error(rc, err, r"--seed \d+: the random weights' seed must be in")
+    rc, _, err = run(capsys, "bench", "--work-dir", tmp_path, "--compare", "none", "--suite", "unet",
+                     "--seed", "-5")
+    assert_error(rc, err, r"--seed -5: the random weights' seed must be in")

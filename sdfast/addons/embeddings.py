@@ -15,6 +15,9 @@ import torch
 from sdfast.errors import SdfastError
 
 EMBEDDING_EXTS = (".pt", ".safetensors", ".bin")
+# Vectors one embedding may have: the 75 tokens of a prompt chunk (A1111 and ComfyUI place an
+# embedding whole in one chunk).
+MAX_VECTORS = 75
 
 
 @dataclass
@@ -39,6 +42,13 @@ def _read(path):
             return load_file(path)
         except Exception as exc:
             raise SdfastError(f"{path}: not a readable safetensors file ({exc})") from None
+    import zipfile
+
+    with open(path, "rb") as fh:
+        head = fh.read(1)
+    if head != b"\x80" and not zipfile.is_zipfile(path):
+        raise SdfastError(f"{path}: not an embedding file (neither safetensors nor a torch "
+                          ".pt/.bin)")
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -74,6 +84,11 @@ def read_embedding(path, name=None):
     if not isinstance(vectors, torch.Tensor) or vectors.dim() not in (1, 2) or not vectors.is_floating_point():
         raise SdfastError(f"{path}: the embedding's vectors are not a [n, C] float tensor")
     vectors = vectors.detach().float().reshape(-1, vectors.shape[-1]).clone()
+    if not 1 <= vectors.shape[0] <= MAX_VECTORS:
+        raise SdfastError(f"{path}: the embedding has {vectors.shape[0]} vectors; a prompt chunk "
+                          f"holds 1 to {MAX_VECTORS}")
+    if not torch.isfinite(vectors).all():
+        raise SdfastError(f"{path}: the embedding's vectors hold NaN or infinite values")
     return Embedding(name or stem, vectors, path, token)
 
 

@@ -212,11 +212,17 @@ def read_lora(source, unet, text_encoder, metadata=None):
             if target is not None:
                 break
         kind = _kind(tensors)
-        if target is None or kind is None:
+        if target is not None and kind is None:
+            raise SdfastError(f"{where}: module {name} has no complete LoRA, LoHa or LoKr set of "
+                              f"tensors (found: {', '.join(sorted(tensors))})")
+        if target is None:
             unmatched.append(name)
             continue
+        for key, value in tensors.items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise SdfastError(f"{where}: {name}.{key} holds NaN or infinite values")
         lora = LoraModule(name, target.component, target.param, target.rows, kind,
-                          _tensors(kind, tensors), _alpha(tensors))
+                          _tensors(kind, tensors), _alpha(tensors, f"{where}: {name}.alpha"))
         _check_shape(lora, params[target.component][target.param], where)
         modules.append(lora)
     return LoraFile(modules, unmatched, dict(metadata or {}))
@@ -242,9 +248,13 @@ def _tensors(kind, tensors):
     return out
 
 
-def _alpha(tensors):
+def _alpha(tensors, what="alpha"):
     alpha = tensors.get("alpha")
-    return None if alpha is None else float(alpha.float().reshape(-1)[0])
+    if alpha is None:
+        return None
+    if alpha.numel() != 1:
+        raise SdfastError(f"{what} has shape {list(alpha.shape)}; expected one number")
+    return float(alpha.float().reshape(-1)[0])
 
 
 def _target_shape(lora, weight):

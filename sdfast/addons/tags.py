@@ -48,6 +48,9 @@ def parse_tag(body, kind="lora"):
     if unknown:
         raise SdfastError(f"prompt tag <{kind}:{body}>: unknown setting(s) {', '.join(sorted(unknown))} "
                           "(known: te, unet, dyn)")
+    if len(positional) > 2 or "dyn" in named:
+        raise SdfastError(f"prompt tag <{kind}:{body}>: sdfast takes a LoRA's strengths (te, unet) "
+                          "but not A1111's third value, dyn (a rank limit)")
     te = _number(named.get("te", positional[0] if positional else "1"), f"{kind}:{body}")
     unet = _number(named.get("unet", positional[1] if len(positional) > 1 else str(te)), f"{kind}:{body}")
     return LoraTag(name, unet, te)

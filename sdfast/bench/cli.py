@@ -95,6 +95,8 @@ def check_args(args):
         raise SdfastError("--cache-interval: only the e2e suite uses it (add e2e to --suite)")
     if args.cache_depth is not None and args.cache_interval is None:
         raise SdfastError("--cache-depth needs --cache-interval")
+    if not 0 <= args.seed < 2 ** 63:
+        raise SdfastError(f"--seed {args.seed}: the random weights' seed must be in 0..2**63-1")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():

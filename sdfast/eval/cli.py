@@ -70,6 +70,9 @@ def _writable(folder, flag, path):
 def _check_outputs(args):
     """Refuse outputs that would be overwritten or cannot be written, before loading or
     generating anything."""
+    for flag, value in (("--json", args.json), ("--save-images", args.save_images)):
+        if value == "":
+            raise SdfastError(f"{flag}: empty path")
     if args.json:
         if os.path.isdir(args.json):
             raise SdfastError(f"--json {args.json}: is a directory (name a file)")
@@ -97,6 +100,8 @@ def _shapes(args):
 
     check_settings(args.n, args.seed, args.steps, args.cfg, args.sampler, args.scheduler,
                    args.batch, args.split)
+    if args.cache_depth is not None and args.cache_interval == 1:
+        raise SdfastError("--cache-depth needs --cache-interval")
     _check_outputs(args)
     path = _model_path(args.model)
     pipe = load(path, device=args.device)

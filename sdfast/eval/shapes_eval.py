@@ -59,9 +59,13 @@ def select_prompts(n: int, seed: int = 0, split: str = "heldout",
     return prompts
 
 
-def _check_count(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SdfastError(f"{name} must be an integer >= 1, got {value!r}")
+MAX_COUNT = 100000   # prompts (or a batch): beyond it an evaluation runs for days
+SEED_MAX = 2 ** 63 - 1
+
+
+def _check_count(name, value, most=MAX_COUNT):
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise SdfastError(f"{name} must be an integer in 1..{most}, got {value!r}")
 
 
 def _check_split(split):
@@ -70,8 +74,8 @@ def _check_split(split):
 
 
 def _check_seed(seed):
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise SdfastError(f"seed must be an integer >= 0, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise SdfastError(f"seed must be an integer in 0..{SEED_MAX}, got {seed!r}")
 
 
 # --------------------------------------------------------------------------------- evaluation

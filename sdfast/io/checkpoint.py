@@ -69,8 +69,14 @@ def read_pickle(path):
         with torch.serialization.safe_globals(_safe_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "global" in str(exc).lower():
+        text = str(exc).lower()
+        if "unsupported global" in text or "not an allowed global" in text:
             raise CheckpointError(f"{path}: {REFUSED_PICKLE}") from None
+        if not mmap:
+            with open(path, "rb") as fh:
+                if fh.read(1) != b"\x80":   # every pickle since protocol 2 starts so
+                    raise CheckpointError(f"{path}: not a checkpoint (neither safetensors, a "
+                                          "torch zip file nor a pickle)") from None
         raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(exc)})") from None
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(exc)})") from None

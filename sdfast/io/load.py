@@ -40,8 +40,17 @@ def build_module(cls, config, sd, device, dtype, what):
     """Build `cls(config)` on the meta device and assign `sd` moved to `device`/`dtype`."""
     with torch.device("meta"):
         model = cls(config)
+    expected = model.state_dict()
     moved = {}
     for key, value in sd.items():
+        want = expected.get(key)
+        if want is not None:
+            if tuple(value.shape) != tuple(want.shape):
+                raise CheckpointError(f"{what} weight {key} has shape {list(value.shape)}, the "
+                                      f"detected architecture needs {list(want.shape)}")
+            if want.is_floating_point() and not value.is_floating_point():
+                raise CheckpointError(f"{what} weight {key} is {value.dtype}, expected floating "
+                                      "point")
         target = dtype if value.is_floating_point() else value.dtype
         moved[key] = value.to(device=device, dtype=target)
     result = model.load_state_dict(moved, strict=False, assign=True)
@@ -100,8 +109,11 @@ def load_components(path, device="cpu", dtype=torch.float32, prediction=None):
     except (KeyError, IndexError, ValueError) as exc:
         raise CheckpointError(f"{path}: unrecognised checkpoint layout ({exc})") from None
     text_cls, _ = text_encoder_class(info.family)
-    unet = build_module(UNetModel, unet_cfg, unet_sd, device, dtype, "UNet")
-    vae = build_module(AutoencoderKL, vae_cfg, vae_sd, device, dtype, "VAE")
-    text = build_module(text_cls, text_cfg, text_sd, device, dtype, "text encoder")
+    try:
+        unet = build_module(UNetModel, unet_cfg, unet_sd, device, dtype, "UNet")
+        vae = build_module(AutoencoderKL, vae_cfg, vae_sd, device, dtype, "VAE")
+        text = build_module(text_cls, text_cfg, text_sd, device, dtype, "text encoder")
+    except CheckpointError as exc:
+        raise CheckpointError(f"{os.fspath(path)}: {exc}") from None
     return Components(unet=unet, vae=vae, text_encoder=text, info=info, metadata=metadata,
                       source=os.fspath(path))

@@ -207,7 +207,7 @@ def _comfy_groups(tokenizer: CLIPTokenizer, pairs: list[list], lookup=None) -> l
         first, *rest = _COMFY_EMBEDDING_SPLIT.split(text)
         parts = [first] + ["embedding:" + r for r in rest]
         for part in parts:
-            if lookup and part.startswith("embedding:"):
+            if lookup is not None and part.startswith("embedding:"):
                 embedding, leftover = _comfy_embedding(lookup, part)
                 pieces.append((_rows(embedding), weight))
                 part = leftover

@@ -19,7 +19,10 @@
 """
 from __future__ import annotations
 
+import math
 import re
+
+from ..errors import SdfastError
 
 SYNTAXES = ("a1111", "comfy")
 
@@ -48,10 +51,16 @@ def parse_prompt_attention(text: str, syntax: str = "a1111") -> list[list]:
     [['a', 1.5], [' ', 1.0], ['b', 1.1], [' [c]', 1.0]]
     """
     if syntax == "a1111":
-        return _parse_a1111(text)
-    if syntax == "comfy":
-        return [[t, w] for t, w in _comfy_weights(_comfy_lex(text), 1.0)]
-    raise ValueError(f"unknown prompt syntax {syntax!r}; valid: {', '.join(SYNTAXES)}")
+        pieces = _parse_a1111(text)
+    elif syntax == "comfy":
+        pieces = [[t, w] for t, w in _comfy_weights(_comfy_lex(text), 1.0)]
+    else:
+        raise ValueError(f"unknown prompt syntax {syntax!r}; valid: {', '.join(SYNTAXES)}")
+    for piece, weight in pieces:
+        if not math.isfinite(weight):   # nan / inf (or an overflowing product): NaN images
+            raise SdfastError(f"prompt: the emphasis weight of {piece.strip()!r} is {weight} "
+                              "(weights must be finite numbers)")
+    return pieces
 
 
 def _parse_a1111(text: str) -> list[list]:
@@ -98,7 +107,8 @@ def _a1111_number(weight: str) -> float:
     try:
         return float(weight)
     except ValueError:
-        raise ValueError(f"invalid emphasis weight {weight!r} in prompt") from None
+        raise SdfastError(f"prompt: invalid emphasis weight {weight!r} (a number, as in "
+                          "'(word:1.2)')") from None
 
 
 def _merge_equal_runs(pieces: list[list]) -> list[list]:
