@@ -128,6 +128,12 @@ def test_bad_controlnets_are_clear_errors(setup, tmp_path):
         sdfast.load_controlnet(tmp_path / "missing.pth")
     with pytest.raises(SdfastError, match="not a ControlNet"):
         sdfast.load_controlnet(single)
+    from sdfast.io.checkpoint import read_checkpoint
+    sd, _ = read_checkpoint(original)
+    save_file({k: v.contiguous() for k, v in sd.items() if "input_hint_block" not in k},
+              str(tmp_path / "no_hint.safetensors"))
+    with pytest.raises(SdfastError, match="a ControlNet without its hint encoder"):
+        sdfast.load_controlnet(tmp_path / "no_hint.safetensors")
     cn = sdfast.load_controlnet(original)
     other = type(cn)(dataclasses.replace(cn.config, unet=dataclasses.replace(
         cn.config.unet, context_dim=cn.config.unet.context_dim * 2)))

@@ -59,6 +59,9 @@ def _read(path):
         except ValueError as exc:
             raise SdfastError(f"{path}: {exc}") from None
     if "input_hint_block.0.weight" not in sd:
+        if any(k.startswith(("zero_convs.", "middle_block_out.")) for k in sd):  # ControlNet's own
+            raise SdfastError(f"{path}: a ControlNet without its hint encoder (no "
+                              "input_hint_block.0.weight): the file is incomplete")
         if any(k.startswith(("model.diffusion_model.", "lora_", "down_blocks.")) for k in sd):
             raise SdfastError(f"{path}: this is not a ControlNet (no input_hint_block / "
                               "controlnet_cond_embedding weights)")
