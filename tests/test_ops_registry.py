@@ -2,6 +2,7 @@
 forcing by argument, context manager and SDFAST_BACKEND; unavailable backends raise; constraints
 are always checked; the ops trace under torch.compile and pass torch.library.opcheck;
 gradients flow through the reference."""
+import os
 import subprocess
 import sys
 
@@ -254,3 +255,21 @@ def test_import_without_native_module_falls_back_to_reference():
     lines = out.stdout.splitlines()
     assert "'cpu'" not in lines[0] and "'reference'" in lines[0]
     assert lines[1] == "(1, 1, 3, 8)" and "sdfast._C" in lines[2]
+
+
+def test_a_misspelt_cpu_isa_setting_is_an_error_not_ignored():
+    code = ("import torch, sdfast.ops as o\n"
+            "try:\n"
+            "    o.group_norm(torch.randn(2, 64, 4, 4), 32, None, None, backend='cpu')\n"
+            "except o.SdfastError as e:\n"
+            "    print('ERROR', e)\n")
+    for value, expected in (("avx-512", "SDFAST_CPU_ISA=avx-512: expected avx2 or avx512"),
+                            ("avx2", None)):
+        env = dict(os.environ, SDFAST_CPU_ISA=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        if expected:
+            assert out.stdout.startswith(f"ERROR {expected}"), out.stdout
+        else:
+            assert out.stdout == "", out.stdout

@@ -8,8 +8,11 @@ Outputs: group_norm keeps x's memory format; attention writes [B, N, H, D] memor
 [B, H, N, D] (the layout torch's own SDPA returns and merge_heads reads for free).
 """
 import math
+import os
 
 import torch
+
+from sdfast.errors import SdfastError
 
 try:
     from sdfast import _C
@@ -23,7 +26,23 @@ _KERNELS = ("group_norm_f32", "attention_f32", "lora_merge_f32", "conv3x3_winogr
 
 
 def available():
-    return _C is not None and all(hasattr(_C, k) for k in _KERNELS)
+    if _C is None or not all(hasattr(_C, k) for k in _KERNELS):
+        return False
+    _check_isa_setting()
+    return True
+
+
+def _check_isa_setting():
+    """SDFAST_CPU_ISA (read by the kernels' dispatch) must name an instruction set this build
+    and CPU run, or be unset: a misspelt or unsupported value is an error, not ignored."""
+    name = os.environ.get("SDFAST_CPU_ISA", "")
+    if not name:
+        return
+    if name not in ("avx2", "avx512"):
+        raise SdfastError(f"SDFAST_CPU_ISA={name}: expected avx2 or avx512 (or unset: the best "
+                          "the CPU has)")
+    if not _C.cpu_isa_available(name):
+        raise SdfastError(f"SDFAST_CPU_ISA={name}: this CPU or build cannot run {name} kernels")
 
 
 def unavailable_reason():

@@ -114,6 +114,9 @@ def _load(backend):
             why = getattr(mod, "unavailable_reason", None)
             _UNAVAILABLE[backend] = why() if callable(why) else "its available() is False here"
             return
+    except SdfastError:       # the user's setting for it is wrong: said, and said again
+        _LOADED.discard(backend)
+        raise
     except Exception as err:  # a broken optional backend must never break sdfast
         _UNAVAILABLE[backend] = f"{_MODULES[backend]} failed to import ({type(err).__name__}: {err})"
         return
