@@ -164,6 +164,18 @@ def test_cli_without_tensorrt_exits_2(tmp_path, capsys):
     assert not (tmp_path / "e").exists()
 
 
+def test_cli_checks_the_arguments_before_looking_for_tensorrt(tmp_path, capsys):
+    """Bad shapes or a missing export are reported as such, with or without TensorRT."""
+    out = str(tmp_path / "e")
+    assert main(["export", "tensorrt", "--onnx", str(tmp_path / "none"), "-o", out]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+    assert main(["export", "tensorrt", "--onnx", str(builtin_export()), "-o", out,
+                 "--min", "64x64", "--max", "32x32"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "min <= opt <= max" in err, err
+    assert not (tmp_path / "e").exists()
+
+
 # ---------------------------------------------------------------- with TensorRT and CUDA
 needs_trt = pytest.mark.skipif(not HAVE_TRT or not torch.cuda.is_available(),
                                reason=NO_TRT if not HAVE_TRT else "TensorRT needs a CUDA device")

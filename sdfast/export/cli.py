@@ -80,16 +80,20 @@ def _add_tensorrt(sub):
 def _tensorrt(args):
     from . import manifest as mf
     from .profiles import BuildShapes, default_shapes, parse_batch, parse_size
+    from .profiles import compute_profiles
     from .tensorrt import _trt, build_engines, check_output
 
-    check_output(args.onnx, args.output)     # the output folder: no TensorRT needed to refuse it
-    _trt()                                   # a clear error first where tensorrt is missing
+    # Every argument first (the output folder, the export, the shapes against it): none of
+    # that needs TensorRT, and a bad one is the error to report even where it is missing.
+    check_output(args.onnx, args.output)
     manifest = mf.read(args.onnx, "sdfast-onnx")
     base = default_shapes(manifest["native_size"], parse_batch(args.batch), args.max_chunks)
     shapes = BuildShapes(parse_size(args.min) if args.min else base.min_size,
                          parse_size(args.opt) if args.opt else base.opt_size,
                          parse_size(args.max) if args.max else base.max_size,
                          base.batch, base.max_chunks)
+    compute_profiles(manifest, shapes)
+    _trt()                                   # then a clear error where tensorrt is missing
     out = build_engines(args.onnx, args.output, shapes, fp16=args.fp16, refit=args.refit,
                         overwrite=args.overwrite)
     for engine in out["engines"].values():
