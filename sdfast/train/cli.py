@@ -8,6 +8,7 @@ arguments of its `train_*` function with dashes, and their defaults are read fro
 import argparse
 import importlib
 import inspect
+import math
 import os
 
 from ..cli import _Parser
@@ -23,6 +24,8 @@ def _number(kind, low, inclusive=True):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if kind is float and not math.isfinite(value):      # nan passes every comparison
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
         if value < low or (value == low and not inclusive):
             raise argparse.ArgumentTypeError(
                 f"must be {'>=' if inclusive else '>'} {low}, got {value}")

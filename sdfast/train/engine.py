@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from .config import load_dataset_config
 from .dataset import TrainData
 from .loop import train_loop
 from .objectives import VAE_SCALE
-from .run import TrainRun, check_folder, make_folder, state_name
+from .run import TrainRun, check_folder, make_folder, reason, state_name
 
 LATENT_MODES = ("sample", "mean")
 _CACHE_TAG = 1          # first word of the latent cache's generator seeds
@@ -58,9 +59,20 @@ class TrainResult:
     outputs: list = None
 
 
+def finite(value):
+    """Whether a number is finite (not nan or +-inf; an int too large for a float is not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def positive(name, value, kind=int, allow_zero=False):
-    """`value` if it is a positive (or, with `allow_zero`, non-negative) int / number."""
+    """`value` if it is a positive (or, with `allow_zero`, non-negative) int / number; numbers
+    must be finite (nan passes every comparison, so it is refused by name)."""
     ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    if ok and kind is float and not finite(value):
+        raise SdfastError(f"{name} must be a finite number, got {value!r}")
     if not ok or value < 0 or (value == 0 and not allow_zero):
         raise SdfastError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} "
                           f"{'number' if kind is float else 'integer'}, got {value!r}")
@@ -398,12 +410,21 @@ def keep_trained_state_only(acc):
     def before_load(models, input_dir):
         for i, model in enumerate(models):
             path = Path(input_dir) / f"model{f'_{i}' if i else ''}.safetensors"
-            state = load_file(os.fspath(path), device=str(acc.device))
+            try:
+                state = load_file(os.fspath(path), device=str(acc.device))
+            except Exception as exc:                # garbage, truncated, missing
+                raise SdfastError(f"{path}: unreadable training state file ({reason(exc)})"
+                                  ) from None
             missing = sorted(_trained_names(model) - set(state))
             if missing:
                 raise SdfastError(f"{input_dir}: the state lacks {len(missing)} trained "
                                   f"weight(s) (e.g. {missing[0]}); it belongs to another setup")
-            model.load_state_dict({k: state[k] for k in _trained_names(model)}, strict=False)
+            try:
+                model.load_state_dict({k: state[k] for k in _trained_names(model)},
+                                      strict=False)
+            except RuntimeError as exc:             # a weight of another shape
+                raise SdfastError(f"{path}: the state does not fit this run's weights "
+                                  f"({reason(exc)})") from None
         models.clear()              # loaded: accelerate must not load them again
 
     acc.register_save_state_pre_hook(before_save)

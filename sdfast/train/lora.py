@@ -103,6 +103,23 @@ def plan_network(unet, text_encoder, o):
     return sorted(specs, key=lambda s: s.name)
 
 
+def check_ranks(specs, components, o):
+    """Refuse a `network_dim` / `conv_dim` above the rank of every weight it applies to: the
+    change `up @ down` of a weight `[O, I, (kh, kw)]` has rank at most `min(O, I*kh*kw)`, so a
+    larger rank only costs memory (kohya does not check; 100000 fills any machine's)."""
+    widest = {}
+    for spec in specs:
+        shape = components[spec.component].get_parameter(spec.param).shape
+        out = shape[0] if spec.rows is None else spec.rows[1] - spec.rows[0]
+        key = "conv_dim" if len(shape) == 4 and tuple(shape[2:]) != (1, 1) else "network_dim"
+        widest[key] = max(widest.get(key, 0), min(out, math.prod(shape[1:])))
+    for key, full in sorted(widest.items()):
+        if o[key] > full:
+            raise SdfastError(f"{key} {o[key]} is above the rank of every layer it trains (a "
+                              f"LoRA's rank is at most min(in, out) of its weight: {full} for "
+                              f"the widest layer of this model)")
+
+
 def apply_network(specs, components, generator):
     """Create each spec's `LoraWeight` and parametrize its weight with it; returns
     `{name: LoraWeight}` in spec order."""
@@ -238,8 +255,9 @@ class Lora(Method):
 
     def setup(self, parts, o, device):
         specs = plan_network(parts.unet, parts.text_encoder, o)
-        self.loras = apply_network(specs, {"unet": parts.unet, "text_encoder": parts.text_encoder},
-                                   seeded_generator(_INIT_TAG, o["seed"]))
+        components = {"unet": parts.unet, "text_encoder": parts.text_encoder}
+        check_ranks(specs, components, o)
+        self.loras = apply_network(specs, components, seeded_generator(_INIT_TAG, o["seed"]))
         groups = []
         for component, lr in (("unet", o["unet_lr"]), ("text_encoder", o["text_encoder_lr"])):
             params = [p for s in specs if s.component == component
@@ -293,5 +311,5 @@ def train_lora(model, dataset_config, output_dir, output_name, *, max_train_step
     return run_method(Lora(), dict(locals()))
 
 
-__all__ = ["train_lora", "Lora", "LoraWeight", "LoraSpec", "plan_network", "apply_network",
-           "kohya_state_dict", "kohya_metadata", "base_model_version", "NETWORK_MODULE"]
+__all__ = ["train_lora", "Lora", "LoraWeight", "LoraSpec", "plan_network", "check_ranks",
+           "apply_network", "kohya_state_dict", "kohya_metadata", "base_model_version", "NETWORK_MODULE"]

@@ -2,6 +2,7 @@
 and `loss.png` (the curve, drawn with PIL: raw losses and a running mean)."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -80,9 +81,11 @@ def plot_losses(rows, size=(720, 420)):
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
     steps = [r[0] for r in rows]
-    losses = [r[1] for r in rows]
+    # Non-finite losses (a diverged step) are left out: they have no place on the axis.
+    points = [(r[0], r[1]) for r in rows if math.isfinite(r[1])]
+    losses = [v for _, v in points] or [0.0]
     lo, hi = min(losses), max(losses)
-    hi = hi if hi > lo else lo + 1e-6
+    hi = hi if hi - lo > 1e-6 * max(1.0, abs(lo)) else lo + 1e-6 * max(1.0, abs(lo))
     s0, s1 = steps[0], max(steps[-1], steps[0] + 1)
 
     def xy(step, loss):
@@ -102,13 +105,17 @@ def plot_losses(rows, size=(720, 420)):
         draw.text((x - 10, height - bottom + 8), str(step), fill="black", font=font)
     draw.text((left, 8), f"loss (steps {steps[0]}..{steps[-1]}; running mean dark)",
               fill="black", font=font)
-    if len(rows) > 1:
-        draw.line([xy(s, v) for s, v in zip(steps, losses)], fill=(160, 190, 230), width=1)
-        smooth = running_mean(losses, max(1, len(losses) // 20))
-        draw.line([xy(s, v) for s, v in zip(steps, smooth)], fill=(20, 60, 160), width=2)
-    else:
-        x, y = xy(steps[0], losses[0])
+    if len(points) > 1:
+        draw.line([xy(s, v) for s, v in points], fill=(160, 190, 230), width=1)
+        smooth = running_mean([v for _, v in points], max(1, len(points) // 20))
+        draw.line([xy(s, v) for (s, _), v in zip(points, smooth) if math.isfinite(v)],
+                  fill=(20, 60, 160), width=2)
+    elif points:
+        x, y = xy(*points[0])
         draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(20, 60, 160))
+    if len(points) < len(rows):
+        draw.text((left + 4, top + 4), f"{len(rows) - len(points)} non-finite loss(es) left out",
+                  fill=(200, 0, 0), font=font)
     return image
 
 

@@ -60,22 +60,67 @@ def file_owner(path):
 
 
 def read_state_info(folder):
-    """The `sdfast_state.json` of a state folder as a dict, or None."""
+    """The `sdfast_state.json` of a state folder as a dict, or None (also when unreadable: for
+    ownership checks, where an unreadable state is nobody's)."""
     try:
         return json.loads((Path(folder) / STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
 
+def reason(exc):
+    """One line about an exception: its type and the first line of its message, shortened."""
+    if str(exc).startswith("Weights only load failed"):     # torch's page-long message
+        detail = str(exc).split("WeightsUnpickler error:", 1)[-1]
+        detail = " ".join(detail.split("Check the documentation")[0].split())[:120]
+        return f"not a file torch.save wrote, or damaged: {detail}"
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    text = text if len(text) <= 160 else text[:157] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def resume_info(folder):
+    """The `sdfast_state.json` of a state folder to resume, checked; SdfastError naming the
+    file when it cannot be read or lacks what a resume needs."""
+    path = Path(folder) / STATE_FILE
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SdfastError(f"{path}: unreadable training state ({reason(exc)})") from None
+    info = info if isinstance(info, dict) else {}
+    rows = info.get("losses")
+    problems = [
+        ("run_id", isinstance(info.get("run_id"), str) and info.get("run_id")),
+        ("step", isinstance(info.get("step"), int) and not isinstance(info.get("step"), bool)
+         and info.get("step") >= 0),
+        ("settings", isinstance(info.get("settings"), dict)),
+        ("losses", isinstance(rows, list) and all(
+            isinstance(r, list) and len(r) == 3 and all(map(_number, r)) for r in rows)),
+        ("started_at", _number(info.get("started_at", 0.0))),
+    ]
+    bad = [key for key, ok in problems if not ok]
+    if bad:
+        raise SdfastError(f"{path}: corrupt training state (missing or invalid: "
+                          f"{', '.join(bad)})")
+    return info
+
+
 def find_state(path):
-    """A state folder itself, or the latest `state-*` in an output folder."""
+    """A state folder itself, or the latest `state-*` in an output folder; a state whose
+    `sdfast_state.json` cannot be read is an error, not skipped."""
     path = Path(path)
-    if read_state_info(path) is not None:
+    if (path / STATE_FILE).exists():
+        resume_info(path)
         return path
     if path.is_dir():
         states = sorted(p for p in path.glob(f"{STATE_PREFIX}*")
-                        if p.is_dir() and read_state_info(p) is not None)
+                        if p.is_dir() and (p / STATE_FILE).exists())
         if states:
+            resume_info(states[-1])
             return states[-1]
     raise SdfastError(f"{path}: no training state to resume (expected a {STATE_PREFIX}XXXXXXXX "
                       f"folder with {STATE_FILE}, or an output folder holding one)")
@@ -110,7 +155,7 @@ class TrainRun:
 
     def _read_resume(self, resume):
         self.state_dir = find_state(resume)
-        info = read_state_info(self.state_dir)
+        info = resume_info(self.state_dir)
         changed = sorted(k for k in set(info["settings"]) | set(self.settings)
                          if info["settings"].get(k) != self.settings.get(k))
         if changed:
@@ -196,8 +241,59 @@ class TrainRun:
         return final
 
     def load_state(self):
-        """Restore weights, optimizer and registered objects from the resume state."""
-        self.accelerator.load_state(os.fspath(self.state_dir))
+        """Restore weights, optimizer, registered objects and random states from the resume
+        state; a file that cannot be read is an SdfastError naming it (accelerate would skip
+        unreadable random states, and the loss curve would not repeat)."""
+        acc, folder = self.accelerator, self.state_dir
+        restore_random_states(folder / f"random_states_{acc.process_index}.pkl")
+        try:
+            acc.load_state(os.fspath(folder))
+        except SdfastError:
+            raise
+        except Exception as exc:
+            path, error = damaged_state_file(folder)
+            if path is not None:
+                raise SdfastError(f"{path}: unreadable training state file ({reason(error)})"
+                                  ) from None
+            raise SdfastError(f"{folder}: cannot load the training state ({reason(exc)})"
+                              ) from None
+
+
+def restore_random_states(path):
+    """Set Python's, NumPy's and torch's random states (CUDA's when saved and present) from
+    accelerate's `random_states_N.pkl`; SdfastError naming the file when it cannot."""
+    import random
+
+    import numpy as np
+    import torch
+    from accelerate.utils import load
+
+    try:
+        states = load(path)
+        random.setstate(states["random_state"])
+        np.random.set_state(states["numpy_random_seed"])
+        torch.set_rng_state(states["torch_manual_seed"])
+        if "torch_cuda_manual_seed" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["torch_cuda_manual_seed"])
+    except Exception as exc:
+        raise SdfastError(f"{path}: unreadable training state file ({reason(exc)})") from None
+
+
+def damaged_state_file(folder):
+    """`(path, exception)` of the first file of a state folder that accelerate's loader cannot
+    read (in the order it reads them), or `(None, None)`."""
+    from accelerate.utils import load
+
+    files = sorted((p for p in Path(folder).iterdir()
+                    if p.is_file() and p.suffix in (".bin", ".pt", ".pkl")),
+                   key=lambda p: (p.name.startswith("custom_checkpoint_"), p.name))
+    for path in files:
+        try:            # accelerate reads its own registered objects' states unrestricted
+            load(path, map_location="cpu",
+                 weights_only=not path.name.startswith("custom_checkpoint_"))
+        except Exception as exc:
+            return path, exc
+    return None, None
 
 
 def _replace_folder(tmp, final, run_id):
@@ -214,4 +310,5 @@ def _replace_folder(tmp, final, run_id):
 
 
 __all__ = ["RUN_ID_KEY", "STATE_FILE", "TrainRun", "checkpoint_name", "state_name",
-           "file_owner", "find_state", "read_state_info", "check_folder", "make_folder"]
+           "file_owner", "find_state", "read_state_info", "resume_info", "check_folder",
+           "make_folder"]
