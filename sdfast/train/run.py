@@ -110,17 +110,16 @@ def resume_info(folder):
 
 
 def find_state(path):
-    """A state folder itself, or the latest `state-*` in an output folder; a state whose
-    `sdfast_state.json` cannot be read is an error, not skipped."""
+    """A state folder itself, or the latest `state-*` in an output folder (one with a
+    `sdfast_state.json`, readable or not: `resume_info` then says what is wrong with it, so a
+    damaged latest state is an error, not skipped for an older one)."""
     path = Path(path)
     if (path / STATE_FILE).exists():
-        resume_info(path)
         return path
     if path.is_dir():
         states = sorted(p for p in path.glob(f"{STATE_PREFIX}*")
                         if p.is_dir() and (p / STATE_FILE).exists())
         if states:
-            resume_info(states[-1])
             return states[-1]
     raise SdfastError(f"{path}: no training state to resume (expected a {STATE_PREFIX}XXXXXXXX "
                       f"folder with {STATE_FILE}, or an output folder holding one)")
